@@ -1,0 +1,79 @@
+"""The counterfactual-model contract every method implements, and manual-optimization helpers.
+
+Callbacks and metrics use only this interface:
+
+* ``abduct(x, pa) -> noise``: the exogenous noise (latent code) that explains ``x`` under parents ``pa``;
+* ``predict(noise, pa) -> x``: the image mechanism;
+* ``counterfactual(x, pa, do) -> x*``: abduction-action-prediction, ``do`` a dict name -> value tensor [B];
+* ``reconstruct(x, pa) -> x̂`` and ``sample(pa) -> x``;
+* ``predict_attributes(x) -> dict name -> probability [B]`` for methods with their own attribute classifier.
+
+Images are in [0, 1] as in the data contract (``datamodules.base``). Methods that cannot abduct set
+``can_abduct = False``; metrics that need abduction then skip them and log why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+
+class CounterfactualModule(pl.LightningModule):
+    can_abduct: bool = True
+
+    def abduct(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor]):
+        raise NotImplementedError
+
+    def predict(self, noise, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def counterfactual(
+        self, x: torch.Tensor, pa: Mapping[str, torch.Tensor], do: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
+        unknown = set(do) - set(pa)
+        if unknown:
+            raise KeyError(f"intervention on unknown attribute(s) {sorted(unknown)}; parents are {sorted(pa)}")
+        return self.predict(self.abduct(x, pa), {**pa, **do})
+
+    def reconstruct(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.predict(self.abduct(x, pa), pa)
+
+    def sample(self, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_attributes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no attribute classifier of its own")
+
+    # -- manual optimization -------------------------------------------------------------------------
+    def _step(self, optimizer, loss: torch.Tensor) -> None:
+        """zero_grad, backward, step for one player whose parameters alone require grad."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+class only_trainable:
+    """Context manager: inside it, only ``modules`` have ``requires_grad=True``.
+
+    This is ``toggled_optimizer`` for a block that steps several players after one backward pass: parameters
+    outside the players receive no gradient (under DDP they are not marked as used), and every parameter's
+    flag is restored on exit.
+    """
+
+    def __init__(self, root: nn.Module, modules: Iterable[nn.Module]):
+        self.root = root
+        self.keep = {id(p) for m in modules for p in m.parameters()}
+
+    def __enter__(self):
+        self.saved = [(p, p.requires_grad) for p in self.root.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(id(p) in self.keep)
+        return self
+
+    def __exit__(self, *exc):
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+        return False
