@@ -1,0 +1,439 @@
+"""CelebA (and the synthetic faces written in CelebA's layout) as a ``CounterfactualDataModule``.
+
+Reads the official files (see ``datamodules.celeba_format``) from ``root`` or from torchvision's
+``root/celeba``. Every image goes through one preprocessing function, ``preprocess``:
+
+1. decode with PIL and convert to RGB;
+2. centre-crop a ``crop_size`` square (torchvision's ``CenterCrop`` offsets), as the usual CelebA pipelines
+   do on the 178x218 aligned images to keep the face and drop most of the background; ``None`` skips it;
+3. resize to ``image_size`` with PIL's antialiased ``BICUBIC`` filter (the filter support grows with the
+   downscale factor, so 140 -> 64 does not alias).
+
+Ground-truth counterfactuals from a synthetic builder pass through the same function, so they are
+pixel-comparable with the batches.
+
+When file checks happen:
+
+* at construction (no builder): ``check_files`` fails at once, with one ``DatasetError``, if the root, the
+  attribute file, the partition file (official split only) or the image folder is missing;
+* with a builder the files do not exist until ``prepare_data`` builds them, so the check runs there and in
+  ``setup``;
+* ``setup`` parses the text files (line-numbered errors from ``celeba_format``), checks that the partition
+  covers every image and that every image of the split is on disk; undecodable images raise a
+  ``DatasetError`` naming the file when they are read (while caching, or in ``__getitem__``, also inside
+  DataLoader workers).
+
+Caching (``cache="auto"``): in ``setup``, each split's decoded, cropped and resized uint8 images are kept in
+one shared-memory tensor if they fit in what is left of ``cache_max_bytes`` (a budget shared by all
+splits). Workers then only convert to float; the first epoch no longer pays for JPEG decoding.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from tqdm.auto import tqdm
+
+from datamodules.base import Attribute, CounterfactualDataModule, DatasetError
+from datamodules.celeba_format import (
+    ATTR_FILE,
+    CELEBA_ATTRIBUTES,
+    HOW_TO_GET_CELEBA,
+    IMAGE_DIR,
+    PARTITION_FILE,
+    SPLITS,
+    read_attributes,
+    read_partition,
+)
+
+_CACHE_MODES = ("auto", "always", "never")
+_SPLIT_MODES = ("official", "random")
+# Below this many images the cache fills in well under a second; a progress bar would only be noise.
+_PROGRESS_MIN_IMAGES = 2000
+
+
+def preprocess(img: Image.Image, image_size: int, crop_size: int | None) -> np.ndarray:
+    """Centre crop (optional) and antialiased bicubic resize -> uint8 array [image_size, image_size, 3]."""
+    img = img.convert("RGB")
+    if crop_size is not None:
+        w, h = img.size
+        if crop_size > min(w, h):
+            raise ValueError(f"crop_size={crop_size} is larger than the {w}x{h} image; set crop_size=null "
+                             f"(or a smaller value) for images this size")
+        # The same rounding as torchvision's CenterCrop, so crops match the common CelebA pipelines.
+        top, left = int(round((h - crop_size) / 2.0)), int(round((w - crop_size) / 2.0))
+        img = img.crop((left, top, left + crop_size, top + crop_size))
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
+
+
+@contextmanager
+def _image_errors(path: Path) -> Iterator[None]:
+    """Turn a missing or undecodable image into a ``DatasetError`` naming it.
+
+    PIL signals corrupt or truncated JPEGs with several exception types; a bare PIL traceback (possibly
+    from inside a DataLoader worker) would not say which of 200k files is broken or what to do.
+    """
+    try:
+        yield
+    except FileNotFoundError:
+        raise DatasetError(f"image {path} is listed in {ATTR_FILE} but missing. Re-download and unzip "
+                           f"img_align_celeba.zip, or regenerate the synthetic data. {HOW_TO_GET_CELEBA}"
+                           ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(f"cannot decode image {path} ({type(err).__name__}: {err}); the file is corrupt or "
+                           f"truncated. Re-download img_align_celeba.zip, or regenerate the synthetic data."
+                           ) from None
+
+
+def _to_float(img: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1]."""
+    t = torch.from_numpy(img) if isinstance(img, np.ndarray) else img
+    return t.permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+
+class CelebADataset(Dataset):
+    """One split: items are batch-contract dicts ``{"x", "pa", "index"}`` (see ``datamodules.base``)."""
+
+    def __init__(
+        self,
+        image_dir: Path,
+        filenames: Sequence[str],
+        rows: np.ndarray,
+        labels: np.ndarray,
+        names: Sequence[str],
+        image_size: int,
+        crop_size: int | None,
+    ) -> None:
+        self.image_dir = Path(image_dir)
+        self.filenames = list(filenames)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.float32)  # [n, n_attributes], 0./1.
+        self.names = tuple(names)
+        self.image_size = image_size
+        self.crop_size = crop_size
+        # A uint8 tensor [n, H, W, 3] once filled: a tensor (not an ndarray) so DataLoader workers receive
+        # a shared-memory handle instead of a pickled copy under spawn/forkserver.
+        self.cache: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.filenames)
+
+    def load_uint8(self, i: int) -> np.ndarray:
+        """Decode and preprocess image ``i``; every I/O or decoding failure becomes a ``DatasetError``."""
+        path = self.image_dir / self.filenames[i]
+        with _image_errors(path), Image.open(path) as img:
+            return preprocess(img, self.image_size, self.crop_size)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img = self.cache[i] if self.cache is not None else self.load_uint8(i)
+        return {
+            "x": _to_float(img),
+            "pa": {n: torch.tensor(self.labels[i, j]) for j, n in enumerate(self.names)},
+            "index": torch.tensor(self.rows[i], dtype=torch.int64),
+        }
+
+
+class _DecodedImages(Dataset):
+    """The uint8 images of a ``CelebADataset``, for filling its cache with DataLoader workers."""
+
+    def __init__(self, dataset: CelebADataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.dataset.load_uint8(i))
+
+
+def _check_attribute_name(name: str) -> None:
+    if name not in CELEBA_ATTRIBUTES:
+        close = difflib.get_close_matches(name, CELEBA_ATTRIBUTES, n=1, cutoff=0.0)
+        raise ValueError(f"unknown CelebA attribute {name!r}; did you mean {close[0]!r}? Valid names: "
+                         f"{', '.join(CELEBA_ATTRIBUTES)}")
+
+
+class CelebADataModule(CounterfactualDataModule):
+    """CelebA's binary attributes as parents ``pa``; images in [0, 1] at ``image_size``.
+
+    :param root: folder holding ``list_attr_celeba.txt``, or torchvision's parent of ``celeba/``.
+    :param attributes: CelebA attribute names, in the order models and metrics see them.
+    :param image_size: output side length (64 or 128 in our experiments).
+    :param crop_size: centre-crop side before resizing; ``None`` resizes the whole image (synthetic faces
+        are already square at ``image_size``).
+    :param split: ``"official"`` (``list_eval_partition.txt``) or ``"random"`` (seeded by ``seed``, sizes
+        from ``split_fractions`` = train, val, test fractions of all images).
+    :param seed: seed of the random split only; sampling order follows the global RNG, which Lightning's
+        ``seed_everything`` fixes.
+    :param balance_attribute: any CelebA attribute; the train loader then draws its two classes equally often.
+    :param cache: ``"auto"`` (cache a split if it fits in ``cache_max_bytes``), ``"always"`` or ``"never"``.
+    :param builder: a synthetic builder (``build(root)``, ``true_counterfactual(root, indices, do)``); it
+        writes the files in ``prepare_data`` and provides ground-truth counterfactuals.
+    :param limit_per_split: keep only the first N images (in file order) of each split.
+    :param drop_last_train: drop the last incomplete train batch, unless that would leave no batch at all.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        attributes: Sequence[str],
+        image_size: int = 64,
+        crop_size: int | None = 140,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        split: str = "official",
+        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        balance_attribute: str | None = None,
+        cache: str = "auto",
+        cache_max_bytes: int = 4 * 1024**3,
+        builder: Any | None = None,
+        limit_per_split: int | None = None,
+        pin_memory: bool = False,
+        drop_last_train: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["builder"])
+        names = [str(a) for a in attributes]
+        for name in names:
+            _check_attribute_name(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"attributes contains duplicates: {names}")
+        if balance_attribute is not None:
+            _check_attribute_name(balance_attribute)
+        if split not in _SPLIT_MODES:
+            raise ValueError(f"split must be one of {_SPLIT_MODES}, got {split!r}")
+        fractions = tuple(float(f) for f in split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test) summing "
+                             f"to 1, got {list(split_fractions)}")
+        if cache not in _CACHE_MODES:
+            raise ValueError(f"cache must be one of {_CACHE_MODES}, got {cache!r}")
+        if image_size < 1 or (crop_size is not None and crop_size < 1):
+            raise ValueError(f"image_size and crop_size must be positive, got {image_size}, {crop_size}")
+        if limit_per_split is not None and limit_per_split < 1:
+            raise ValueError(f"limit_per_split must be positive or None, got {limit_per_split}")
+
+        self.root = Path(root).expanduser()
+        self._names = tuple(names)
+        self.image_size = int(image_size)
+        self.crop_size = None if crop_size is None else int(crop_size)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.split = split
+        self.split_fractions = fractions
+        self.seed = int(seed)
+        self.balance_attribute = balance_attribute
+        self.cache = cache
+        self.cache_max_bytes = int(cache_max_bytes)
+        self.builder = builder
+        self.limit_per_split = limit_per_split
+        self.pin_memory = pin_memory
+        self.drop_last_train = drop_last_train
+
+        self._metadata: tuple[list[str], np.ndarray, list[str], dict[str, np.ndarray]] | None = None
+        self._datasets: dict[str, CelebADataset] = {}
+        self._cached_bytes = 0
+        if builder is None:
+            # Fail before any training starts: the runner builds the DataModule first.
+            self.check_files()
+
+    # -- metadata ------------------------------------------------------------------------------------
+
+    @property
+    def attributes(self) -> tuple[Attribute, ...]:
+        return tuple(Attribute(n, "binary") for n in self._names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    @property
+    def has_true_counterfactuals(self) -> bool:
+        return self.builder is not None
+
+    @property
+    def data_dir(self) -> Path:
+        """The folder holding the files: ``root`` itself, or torchvision's ``root/celeba``."""
+        if not (self.root / ATTR_FILE).exists() and (self.root / "celeba" / ATTR_FILE).exists():
+            return self.root / "celeba"
+        return self.root
+
+    def check_files(self) -> None:
+        """Raise one ``DatasetError`` naming every missing file or folder, with how to get CelebA."""
+        # With a builder the files appear in prepare_data(), so a missing file most likely means it was skipped.
+        hint = " Call prepare_data() first: the builder writes them." if self.builder is not None else ""
+        if not self.root.is_dir():
+            raise DatasetError(f"CelebA root folder not found: {self.root}.{hint} {HOW_TO_GET_CELEBA}")
+        data_dir = self.data_dir
+        needed = [ATTR_FILE, IMAGE_DIR] + ([PARTITION_FILE] if self.split == "official" else [])
+        missing = [str(data_dir / n) for n in needed if not (data_dir / n).exists()]
+        if missing:
+            raise DatasetError(f"CelebA files missing (looked in {data_dir} and {self.root / 'celeba'}): "
+                               f"{', '.join(missing)}.{hint} {HOW_TO_GET_CELEBA}")
+
+    def _load_metadata(self) -> tuple[list[str], np.ndarray, list[str], dict[str, np.ndarray]]:
+        """Parse the text files once -> (file names, int8 values [N, n_attr] in {1, -1}, header, split -> rows)."""
+        if self._metadata is not None:
+            return self._metadata
+        self.check_files()
+        attr_path = self.data_dir / ATTR_FILE
+        filenames, header, values = read_attributes(attr_path)
+        absent = [n for n in (*self._names, *filter(None, [self.balance_attribute])) if n not in header]
+        if absent:
+            raise DatasetError(f"{attr_path}, line 2: the header lacks attribute(s) {absent}; is this CelebA's "
+                               f"list_attr_celeba.txt? Re-download or regenerate it.")
+        rows = np.arange(len(filenames))
+        if self.split == "official":
+            part_path = self.data_dir / PARTITION_FILE
+            partition = read_partition(part_path)
+            uncovered = [f for f in filenames if f not in partition]
+            if uncovered:
+                raise DatasetError(f"{part_path} assigns no split to {len(uncovered)} of the {len(filenames)} "
+                                   f"images in {attr_path} (first: {uncovered[0]}); the two files do not match. "
+                                   f"Re-download or regenerate both, or use split=random.")
+            assigned = np.array([partition[f] for f in filenames], dtype=np.int64)
+            splits = {s: rows[assigned == code] for s, code in SPLITS.items()}
+        else:
+            perm = np.random.default_rng(self.seed).permutation(len(filenames))
+            n_train = int(round(self.split_fractions[0] * len(filenames)))
+            n_val = min(int(round(self.split_fractions[1] * len(filenames))), len(filenames) - n_train)
+            # Sorted so that limit_per_split and the cache walk the files in order.
+            splits = {"train": np.sort(perm[:n_train]), "val": np.sort(perm[n_train:n_train + n_val]),
+                      "test": np.sort(perm[n_train + n_val:])}
+        if self.limit_per_split is not None:
+            splits = {s: r[: self.limit_per_split] for s, r in splits.items()}
+        self._metadata = (filenames, values, header, splits)
+        return self._metadata
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """0-based rows of ``list_attr_celeba.txt`` in ``split`` (``train``, ``val`` or ``test``)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        return self._load_metadata()[3][split]
+
+    def _labels(self, rows: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """float32 [len(rows), len(names)]: CelebA's +-1 as 1./0."""
+        _, values, header, _ = self._load_metadata()
+        # Columns by name, so a file with another column order still reads correctly.
+        cols = [header.index(n) for n in names]
+        return (values[np.ix_(rows, cols)] > 0).astype(np.float32)
+
+    def label_frequencies(self, split: str) -> dict[str, float]:
+        """P(attribute = 1) in ``split`` for every selected attribute (nan for an empty split)."""
+        labels = self._labels(self.split_rows(split), self._names)
+        return {n: float(labels[:, j].mean()) if len(labels) else float("nan") for j, n in enumerate(self._names)}
+
+    # -- Lightning hooks -----------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if self.builder is not None:
+            self.builder.build(self.root)
+        self.check_files()
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage or "", tuple(SPLITS)):
+            if split not in self._datasets:
+                self._datasets[split] = self._build_split(split)
+
+    def _build_split(self, split: str) -> CelebADataset:
+        filenames = self._load_metadata()[0]
+        rows = self.split_rows(split)
+        image_dir = self.data_dir / IMAGE_DIR
+        files = [filenames[r] for r in rows]
+        on_disk = set(os.listdir(image_dir))
+        missing = [f for f in files if f not in on_disk]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) of the {split} split listed in {ATTR_FILE} are missing "
+                               f"from {image_dir}, e.g. {image_dir / missing[0]}. Re-download and unzip "
+                               f"img_align_celeba.zip, or regenerate the synthetic data. {HOW_TO_GET_CELEBA}")
+        dataset = CelebADataset(image_dir, files, rows, self._labels(rows, self._names), self._names,
+                                self.image_size, self.crop_size)
+        if len(dataset) and self.crop_size is not None:
+            # A config error (crop bigger than the images) should fail here, not in the first batch.
+            with _image_errors(image_dir / files[0]), Image.open(image_dir / files[0]) as img:
+                w, h = img.size
+            if self.crop_size > min(w, h):
+                raise ValueError(f"crop_size={self.crop_size} is larger than the {w}x{h} images in {image_dir}; "
+                                 f"set crop_size=null (or smaller) for this data")
+        nbytes = len(dataset) * 3 * self.image_size**2
+        if self.cache == "always" or (self.cache == "auto" and self._cached_bytes + nbytes <= self.cache_max_bytes):
+            self._fill_cache(dataset, split)
+            self._cached_bytes += nbytes
+        return dataset
+
+    def _fill_cache(self, dataset: CelebADataset, split: str) -> None:
+        cache = torch.empty((len(dataset), self.image_size, self.image_size, 3), dtype=torch.uint8)
+        loader = DataLoader(_DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
+        pos = 0
+        for batch in tqdm(loader, desc=f"Caching CelebA {split} images", unit="batch",
+                          disable=len(dataset) < _PROGRESS_MIN_IMAGES):
+            cache[pos:pos + len(batch)] = batch
+            pos += len(batch)
+        dataset.cache = cache.share_memory_()
+
+    def dataset(self, split: str) -> CelebADataset:
+        """The dataset of ``split``, set up on first use."""
+        if split not in self._datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return self._datasets[split]
+
+    def _loader(self, dataset: CelebADataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        # Dropping the only (incomplete) batch of a tiny split would leave an epoch with nothing to train on.
+        drop_last = self.drop_last_train and len(dataset) >= self.batch_size
+        # Derived from the global RNG (as DataLoader does for its own seed), so seed_everything fixes it.
+        generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        if self.balance_attribute is None:
+            return self._loader(dataset, shuffle=True, drop_last=drop_last, generator=generator)
+        labels = self._labels(dataset.rows, [self.balance_attribute])[:, 0]
+        counts = np.array([(labels == 0).sum(), (labels == 1).sum()])
+        if (counts == 0).any():
+            raise DatasetError(f"cannot balance {self.balance_attribute!r}: the train split has no images with "
+                               f"value {int(np.argmin(counts))}")
+        weights = torch.as_tensor(1.0 / counts[labels.astype(np.int64)], dtype=torch.float64)
+        sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
+        return self._loader(dataset, sampler=sampler, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False)
+
+    # -- ground truth --------------------------------------------------------------------------------
+
+    def true_counterfactual(self, index: torch.Tensor, do: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The builder's re-rendering of rows ``index`` under ``do``, preprocessed exactly like the batches.
+
+        ``do`` maps attribute names to 0/1 values ([B] or scalar); returns float [B, 3, H, W] in [0, 1] on CPU.
+        """
+        if self.builder is None:
+            return super().true_counterfactual(index, do)
+        indices = torch.as_tensor(index).detach().cpu().to(torch.int64).reshape(-1).numpy()
+        interventions: dict[str, np.ndarray] = {}
+        for name, value in do.items():
+            _check_attribute_name(name)
+            v = np.broadcast_to(torch.as_tensor(value).detach().cpu().numpy(), indices.shape)
+            if not np.isin(v, (0, 1)).all():
+                raise ValueError(f"do[{name!r}] must hold 0/1 values for a binary attribute, got {np.unique(v)}")
+            interventions[name] = v.astype(np.int64)
+        images = np.asarray(self.builder.true_counterfactual(self.root, indices, interventions))
+        out = [_to_float(preprocess(Image.fromarray(img), self.image_size, self.crop_size)) for img in images]
+        return torch.stack(out) if out else torch.empty((0, *self.image_shape))

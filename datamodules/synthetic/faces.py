@@ -1,0 +1,383 @@
+"""Embedded synthetic faces: a deterministic procedural renderer that writes CelebA's on-disk layout.
+
+Real CelebA is licensed, so experiments ending in ``_synth`` use these faces instead: the builder writes
+``img_align_celeba/000001.jpg ...``, ``list_attr_celeba.txt`` and ``list_eval_partition.txt`` exactly as
+CelebA ships them (read back by the same code that reads CelebA), plus ``factors.npz``, every generative
+factor of every image, from which the TRUE counterfactual of any image can be re-rendered.
+
+Generative model (one row of factors per image, all sampled i.i.d. from ``seed``):
+
+* Attributes (stored under their CelebA names, 0/1 with CelebA's meaning; see ``FaceCorrelations``):
+  ``Male`` ~ Bern; ``Smiling`` ~ Bern; ``Mouth_Slightly_Open`` | Smiling; ``No_Beard`` = 0 (a beard) only
+  for males; ``Mustache`` only for males, likelier with a beard; hair colour is ONE categorical variable
+  seen through ``Black_Hair`` / ``Blond_Hair`` (never both; blond mostly female; otherwise a nuisance
+  brown/light-brown/gray/auburn); ``Bangs`` (likelier for females); ``Eyeglasses`` (likelier for males);
+  ``Wearing_Hat``.
+* Nuisance factors: face centre (small translation), half-width and aspect of the face, skin tone, hair
+  style (4 per sex) and shade, eye spacing/height/shape/iris colour, mouth width/height, two background
+  colours and a gradient angle, a directional lighting gradient, clothes/hat/glasses colours, hat style and
+  a per-image ``noise_seed`` for the pixel noise.
+
+What each attribute draws (and the only pixels it touches, other factors fixed):
+``Smiling`` the mouth curve (flat/slightly downturned vs upturned; open + smiling shows teeth);
+``Mouth_Slightly_Open`` a dark open mouth; both stay inside ``mouth_box``. ``Eyeglasses`` frames, bridge
+and arms; ``Bangs`` a jagged fringe over the forehead; ``Black_Hair`` / ``Blond_Hair`` the colour of hair,
+eyebrows, beard and mustache; ``Male`` shorter hair, a squarer jaw and thicker, flatter eyebrows;
+``Mustache`` a band above the upper lip; ``No_Beard`` = 0 a beard around the jaw and chin;
+``Wearing_Hat`` a beanie or a brimmed hat hiding the top of the hair.
+
+Rendering: shapes are drawn with antialiased OpenCV primitives in image-fraction coordinates on a canvas
+supersampled x2, downsampled with INTER_AREA (2x2 means: pixel-local), then lit and noised pixel-wise.
+Every stage is pixel-local given the attribute-independent layers, so flipping ``Smiling`` changes only
+pixels inside ``mouth_box``, and the noise, drawn from ``noise_seed`` alone, is identical in a factual and
+its counterfactual.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from datamodules.base import DatasetError
+from datamodules.celeba_format import (
+    ATTR_FILE,
+    CELEBA_ATTRIBUTES,
+    IMAGE_DIR,
+    PARTITION_FILE,
+    write_attributes,
+    write_partition,
+)
+
+FORMAT_VERSION = 1
+FACTORS_FILE = "factors.npz"
+MANIFEST_FILE = "builder.json"
+MODELLED_ATTRIBUTES: tuple[str, ...] = (
+    "Smiling", "Mouth_Slightly_Open", "Eyeglasses", "Bangs", "Black_Hair", "Blond_Hair", "Male",
+    "Mustache", "No_Beard", "Wearing_Hat",
+)  # fmt: skip
+
+_SS = 2  # supersampling factor of the drawing canvas
+_SHIFT = 4  # fractional bits of cv2's fixed-point coordinates
+_AA = cv2.LINE_AA
+
+_HAIR_OTHER = np.array([[115, 75, 45], [150, 105, 65], [165, 165, 160], [150, 70, 35]], np.float32)
+_HAIR_OTHER_P = (0.5, 0.2, 0.15, 0.15)  # brown, light brown, gray, auburn
+_IRIS = np.array([[95, 60, 35], [55, 40, 30], [70, 110, 160], [85, 120, 80]], np.float32)
+_GLASSES = np.array([[20, 20, 20], [90, 55, 30], [120, 120, 130]], np.float32)
+
+
+@dataclass(frozen=True)
+class FaceCorrelations:
+    """Probabilities of the attribute model (defaults loosely follow CelebA's marginals).
+
+    ``male`` P(Male); ``smiling`` P(Smiling); ``mouth_open_if_smiling`` / ``mouth_open_if_not_smiling``
+    P(Mouth_Slightly_Open | Smiling); ``beard_if_male`` P(beard | male) (females never: No_Beard = 1);
+    ``mustache_if_beard`` / ``mustache_if_no_beard`` P(Mustache | male, beard) (females never);
+    ``black_hair`` P(Black_Hair); ``blond_hair_if_female`` / ``blond_hair_if_male`` P(Blond_Hair | sex),
+    exclusive with black (``black_hair + blond_hair_if_* <= 1``); ``bangs_if_female`` /
+    ``bangs_if_male``; ``eyeglasses_if_female`` / ``eyeglasses_if_male``; ``hat`` P(Wearing_Hat).
+    Defaults give P(Blond) ~ 0.15, P(Bangs) ~ 0.15, P(Eyeglasses) ~ 0.07, P(No_Beard | male) = 0.6.
+    """
+
+    male: float = 0.42
+    smiling: float = 0.48
+    mouth_open_if_smiling: float = 0.7
+    mouth_open_if_not_smiling: float = 0.3
+    beard_if_male: float = 0.4
+    mustache_if_beard: float = 0.2
+    mustache_if_no_beard: float = 0.05
+    black_hair: float = 0.24
+    blond_hair_if_female: float = 0.24
+    blond_hair_if_male: float = 0.03
+    bangs_if_female: float = 0.2
+    bangs_if_male: float = 0.08
+    eyeglasses_if_female: float = 0.03
+    eyeglasses_if_male: float = 0.12
+    hat: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name, p in asdict(self).items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"correlation {name}={p} is not a probability in [0, 1]")
+        if self.black_hair + max(self.blond_hair_if_female, self.blond_hair_if_male) > 1.0:
+            raise ValueError("black_hair + blond_hair_if_* must be <= 1: the hair colours are exclusive")
+
+
+def _as_correlations(correlations: Mapping[str, float] | FaceCorrelations | None) -> FaceCorrelations:
+    if correlations is None:
+        return FaceCorrelations()
+    if isinstance(correlations, FaceCorrelations):
+        return correlations
+    unknown = set(correlations) - set(asdict(FaceCorrelations()))
+    if unknown:
+        raise ValueError(f"unknown correlation keys {sorted(unknown)}; known: {sorted(asdict(FaceCorrelations()))}")
+    return FaceCorrelations(**{k: float(v) for k, v in dict(correlations).items()})
+
+
+def sample_factors(n: int, seed: int = 0, correlations: Mapping[str, float] | FaceCorrelations | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Sample ``n`` rows of generative factors: attributes int8 0/1 under CelebA names, nuisances float32
+    (colours [n, 3] RGB 0-255), ``hair_style`` / ``hat_style`` / ``noise_seed`` int64."""
+    c = _as_correlations(correlations)
+    rng = np.random.default_rng(seed)
+    u = lambda: rng.random(n)  # noqa: E731
+    male = u() < c.male
+    smiling = u() < c.smiling
+    mouth_open = u() < np.where(smiling, c.mouth_open_if_smiling, c.mouth_open_if_not_smiling)
+    beard = male & (u() < c.beard_if_male)
+    mustache = male & (u() < np.where(beard, c.mustache_if_beard, c.mustache_if_no_beard))
+    r = u()
+    black = r < c.black_hair
+    blond = ~black & (r < c.black_hair + np.where(male, c.blond_hair_if_male, c.blond_hair_if_female))
+    bangs = u() < np.where(male, c.bangs_if_male, c.bangs_if_female)
+    glasses = u() < np.where(male, c.eyeglasses_if_male, c.eyeglasses_if_female)
+    hat = u() < c.hat
+    attrs = {"Smiling": smiling, "Mouth_Slightly_Open": mouth_open, "Eyeglasses": glasses, "Bangs": bangs,
+             "Black_Hair": black, "Blond_Hair": blond, "Male": male, "Mustache": mustache, "No_Beard": ~beard,
+             "Wearing_Hat": hat}
+    out: dict[str, np.ndarray] = {k: v.astype(np.int8) for k, v in attrs.items()}
+
+    def jitter(palette: np.ndarray, p: tuple[float, ...] | None, std: float) -> np.ndarray:
+        pick = palette[rng.choice(len(palette), n, p=p)]
+        return np.clip(pick + rng.normal(0, std, (n, 3)), 0, 255)
+
+    tone = u()[:, None] ** 1.3
+    skin = np.array([240, 208, 185]) * (1 - tone) + np.array([115, 75, 52]) * tone
+    a = 0.2 + 0.03 * u()
+    nuis = {
+        "face_x": 0.5 + 0.03 * (2 * u() - 1), "face_y": 0.52 + 0.025 * (2 * u() - 1),
+        "face_a": a, "face_b": a * (1.25 + 0.15 * u()),
+        "skin": np.clip(skin + rng.normal(0, 6, (n, 3)), 0, 255),
+        "hair_other": jitter(_HAIR_OTHER, _HAIR_OTHER_P, 10), "hair_shade": 2 * u() - 1,
+        "eye_sep": 0.4 + 0.06 * u(), "eye_dy": 0.012 * (2 * u() - 1), "eye_w": 0.16 + 0.04 * u(),
+        "eye_aspect": 0.45 + 0.15 * u(), "iris": jitter(_IRIS, None, 8),
+        "mouth_w": 0.34 + 0.1 * u(), "mouth_dy": 0.01 * (2 * u() - 1),
+        "bg0": 40 + 190 * rng.random((n, 3)), "bg1": 40 + 190 * rng.random((n, 3)),
+        "bg_angle": 2 * np.pi * u(), "light_angle": 2 * np.pi * u(), "light_strength": 0.25 * u(),
+        "clothes": 20 + 210 * rng.random((n, 3)), "hat_color": 20 + 210 * rng.random((n, 3)),
+        "glasses_color": jitter(_GLASSES, None, 6),
+    }
+    out.update({k: np.asarray(v, np.float32) for k, v in nuis.items()})
+    out["hair_style"] = rng.integers(0, 4, n)
+    out["hat_style"] = rng.integers(0, 2, n)
+    out["noise_seed"] = rng.integers(0, 2**31 - 1, n)
+    return out
+
+
+def celeba_attributes(factors: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[N, 40] int8 in {1, -1} in CelebA's column order; every unmodelled column is -1."""
+    n = len(factors["Smiling"])
+    attrs = -np.ones((n, len(CELEBA_ATTRIBUTES)), np.int8)
+    for name in MODELLED_ATTRIBUTES:
+        attrs[:, CELEBA_ATTRIBUTES.index(name)] = 2 * np.asarray(factors[name], np.int8) - 1
+    return attrs
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+
+
+def _col(rgb: Any, scale: float = 1.0) -> tuple[float, float, float]:
+    return tuple(float(min(255.0, max(0.0, v * scale))) for v in rgb)  # type: ignore[return-value]
+
+
+def _fill(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...]) -> None:
+    """Fill a polygon given in image-fraction coordinates, with sub-pixel precision."""
+    s = img.shape[0] * (1 << _SHIFT)
+    cv2.fillPoly(img, [np.round(pts * s).astype(np.int32)], color, _AA, _SHIFT)
+
+
+def _line(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...], width: float, closed: bool = False) -> None:
+    s = img.shape[0]
+    cv2.polylines(img, [np.round(pts * s * (1 << _SHIFT)).astype(np.int32)], closed, color,
+                  max(2, round(width * s)), _AA, _SHIFT)
+
+
+def _arc(cx: float, cy: float, a: float, b: float, t0: float = 0.0, t1: float = 2 * np.pi, n: int = 24
+         ) -> np.ndarray:
+    t = np.linspace(t0, t1, n)
+    return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1)
+
+
+def _band(x: np.ndarray, y: np.ndarray, half: np.ndarray) -> np.ndarray:
+    """Polygon of a curve thickened vertically by ``half`` on each side."""
+    return np.concatenate([np.stack([x, y - half], 1), np.stack([x, y + half], 1)[::-1]])
+
+
+def _mouth_parts(f: Mapping[str, Any], smiling: bool, open_: bool) -> list[tuple[np.ndarray, tuple]]:
+    """Polygons and colours of the mouth; ``mouth_box`` is their union over all four variants."""
+    a, b = f["face_a"], f["face_b"]
+    mx, my, mw = f["face_x"], f["face_y"] + 0.56 * b + f["mouth_dy"], f["mouth_w"] * a
+    lip = _col(np.asarray(f["skin"]) * np.array([0.82, 0.5, 0.52]) + np.array([30, 0, 5]))
+    u = np.linspace(-1.0, 1.0, 17)
+    x, bow = mx + mw * u, 1 - u**2
+    lt = 0.09 * mw + 0.004  # lip half-thickness
+    if not open_:
+        y = my - 0.32 * mw + 0.62 * mw * bow if smiling else my - 0.07 * mw * bow
+        return [(_band(x, y, lt * (0.45 + 0.55 * bow)), lip)]
+    if smiling:
+        y_up, y_lo = my - 0.32 * mw + 0.18 * mw * bow, my - 0.32 * mw + 0.8 * mw * bow**0.8
+    else:
+        y_up, y_lo = my - 0.14 * mw * bow**0.7, my + 0.3 * mw * bow**0.7
+    parts = [(np.concatenate([np.stack([x, y_up], 1), np.stack([x, y_lo], 1)[::-1]]), (70.0, 22.0, 28.0))]
+    if smiling:
+        y_teeth = y_up + 0.42 * (y_lo - y_up)
+        parts.append((np.concatenate([np.stack([x, y_up], 1), np.stack([x, y_teeth], 1)[::-1]]),
+                      (245.0, 242.0, 232.0)))
+    parts += [(_band(x, y_up - 0.6 * lt * bow, 0.6 * lt * bow + 0.2 * lt), lip),
+              (_band(x, y_lo + 0.8 * lt * bow, 0.8 * lt * bow + 0.2 * lt), lip)]
+    return parts
+
+
+def mouth_box(factors_row: Mapping[str, Any], image_size: int) -> tuple[int, int, int, int]:
+    """Pixel box ``(y0, y1, x0, x1)`` (half-open, for ``img[y0:y1, x0:x1]``) containing every pixel that
+    ``Smiling`` or ``Mouth_Slightly_Open`` can change for this row; independent of those two attributes."""
+    f = {k: (v.tolist() if isinstance(v, np.ndarray | np.generic) else v) for k, v in factors_row.items()}
+    pts = np.concatenate([p for s in (0, 1) for o in (0, 1) for p, _ in _mouth_parts(f, bool(s), bool(o))])
+    lo, hi = pts.min(0) * image_size, pts.max(0) * image_size
+    # one pixel of margin for antialiasing (which reaches one canvas pixel = half an output pixel)
+    x0, y0 = (max(0, int(np.floor(v)) - 1) for v in lo)
+    x1, y1 = (min(image_size, int(np.ceil(v)) + 1) for v in hi)
+    return y0, y1, x0, x1
+
+
+def _hair_color(f: Mapping[str, Any]) -> np.ndarray:
+    shade = f["hair_shade"]
+    if f["Black_Hair"]:
+        return np.array([28.0, 24, 24]) * (1 + 0.3 * shade)
+    if f["Blond_Hair"]:
+        return np.array([228.0, 198, 122]) + 18 * shade
+    return np.asarray(f["hair_other"], float) * (1 + 0.1 * shade)
+
+
+def _face_outline(cx: float, cy: float, a: float, b: float, male: bool) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+    c, s = np.cos(t), np.sin(t)
+    if male:  # superellipse below the cheekbones: a squarer jaw
+        p = np.where(s > 0, 2 / 3.2, 1.0)
+        x, y = np.sign(c) * np.abs(c) ** p, np.sign(s) * np.abs(s) ** p
+    else:  # the chin narrows
+        x, y = c * (1 - 0.12 * np.maximum(s, 0)), s
+    return np.stack([cx + a * x, cy + b * y], 1)
+
+
+def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -> np.ndarray:
+    """Render one row of factors (a mapping of Python scalars/lists) -> uint8 [H, W, 3] RGB."""
+    size = int(image_size)
+    S = size * _SS
+    cx, cy, a, b = f["face_x"], f["face_y"], f["face_a"], f["face_b"]
+    male, skin = bool(f["Male"]), np.asarray(f["skin"], float)
+    hair = _hair_color(f)
+
+    g = np.linspace(-0.5, 0.5, S, dtype=np.float32)
+    t = np.clip(0.5 + np.cos(f["bg_angle"]) * g[None, :] + np.sin(f["bg_angle"]) * g[:, None], 0, 1)
+    bg0, bg1 = np.asarray(f["bg0"], np.float32), np.asarray(f["bg1"], np.float32)
+    img = (bg0 + t[..., None] * (bg1 - bg0)).astype(np.uint8)
+
+    # Body, then hair behind the head (its length is the style; males have short styles).
+    _fill(img, _arc(cx, cy + b + 0.3, 0.42, 0.22), _col(f["clothes"]))
+    style = int(f["hair_style"])
+    vol = (1.05, 1.09, 1.02, 1.07)[style] if male else (1.14, 1.17, 1.12, 1.1)[style]
+    length = (0.0, 0.0, 0.0, 0.35)[style] if male else (1.55, 1.35, 0.55, 0.95)[style]
+    if length > 0:
+        top = _arc(cx, cy, a * vol, b * vol, np.pi, 2 * np.pi, 20)
+        yy = np.linspace(cy, cy + length * b, 10)
+        wave = 0.015 * np.sin((yy - cy) / b * 9) if style == 1 and not male else 0.0 * yy
+        flare = a * vol + 0.05 * (yy - cy) / b + wave
+        sides = np.concatenate([np.stack([cx + flare, yy], 1), np.stack([cx - flare, yy], 1)[::-1]])
+        _fill(img, np.concatenate([top, sides[:10], sides[10:]]), _col(hair, 0.9))
+    _fill(img, np.array([[cx - 0.5 * a, cy], [cx + 0.5 * a, cy], [cx + 0.55 * a, 1.05], [cx - 0.55 * a, 1.05]]),
+          _col(skin, 0.86))
+    for side in (-1, 1):
+        _fill(img, _arc(cx + side * a * 0.97, cy + 0.02 * b, 0.14 * a, 0.22 * b, n=16), _col(skin, 0.93))
+    _fill(img, _face_outline(cx, cy, a, b, male), _col(skin))
+
+    if not f["No_Beard"]:
+        jaw = _face_outline(cx, cy, a * 1.01, b * 1.01, male)[2:23]  # right -> chin -> left
+        inner = _arc(cx, cy + 0.5 * b, 0.62 * a, 0.3 * b, np.pi, 0, 16)  # left -> under the mouth -> right
+        _fill(img, np.concatenate([jaw, inner]), _col(hair, 0.85))
+
+    # Nose: a shaded tip and nostrils.
+    ny = cy + 0.3 * b
+    _fill(img, _arc(cx, ny, 0.1 * a, 0.055 * b, n=16), _col(skin, 0.85))
+    _line(img, np.array([[cx + 0.02 * a, cy - 0.02 * b], [cx + 0.07 * a, ny - 0.02 * b]]), _col(skin, 0.8),
+          0.006)
+    for side in (-1, 1):
+        _fill(img, _arc(cx + side * 0.06 * a, ny + 0.03 * b, 0.03 * a, 0.018 * b, n=10), _col(skin, 0.55))
+
+    mw, my = f["mouth_w"] * a, cy + 0.56 * b + f["mouth_dy"]
+    if f["Mustache"]:
+        u = np.linspace(-1, 1, 15)
+        y = my - 0.34 * mw - 0.09 * mw - 0.05 * b + 0.06 * b * u**2
+        _fill(img, _band(cx + 1.1 * mw * u, y, (0.028 * b + 0.012) * (1 - 0.5 * u**2)), _col(hair, 0.8))
+    for poly, color in _mouth_parts(f, bool(f["Smiling"]), bool(f["Mouth_Slightly_Open"])):
+        _fill(img, poly, color)
+
+    ey, es, ew = cy - 0.1 * b + f["eye_dy"], f["eye_sep"] * a, f["eye_w"] * a
+    eh = ew * f["eye_aspect"]
+    brow = _col(hair, 0.7 if f["Blond_Hair"] else 0.8)
+    for side in (-1, 1):
+        ex = cx + side * es
+        _fill(img, _arc(ex, ey, ew, eh, n=20), (242.0, 240.0, 236.0))
+        _fill(img, _arc(ex, ey, eh * 0.95, eh * 0.95, n=14), _col(f["iris"]))
+        _fill(img, _arc(ex, ey, eh * 0.45, eh * 0.45, n=10), (15.0, 12.0, 12.0))
+        _line(img, _arc(ex, ey, ew, eh, np.pi, 2 * np.pi, 10), _col(skin, 0.45), 0.008)
+        u = np.linspace(-1, 1, 11)
+        bx = ex + side * (0.1 * ew + 1.15 * ew * u)
+        arch = (0.2 if male else 0.45) * ew
+        by = ey - eh - (0.55 if male else 0.75) * ew - arch * (1 - u**2) + side * 0.0 * u
+        th = (0.3 * eh + 0.006 if male else 0.12 * eh + 0.004) * (1 - 0.35 * u * side)
+        _fill(img, _band(bx, by, th), brow)
+
+    # Top of the hair with the hairline; a fringe when Bangs; then glasses and hat on top of everything.
+    sd = 0.12 if male else 0.25
+    outer = _arc(cx, cy, a * vol, b * vol, np.pi - sd, 2 * np.pi + sd, 28)
+    hl = cy - (0.62 if male else 0.55) * b
+    inner_c, ia = cy + 0.1 * b, 0.9 * a
+    _fill(img, np.concatenate([outer, _arc(cx, inner_c, ia, inner_c - hl, 2 * np.pi, np.pi, 20)]), _col(hair))
+    if f["Bangs"]:
+        xs = np.linspace(cx + 0.85 * ia, cx - 0.85 * ia, 15)
+        y_top = inner_c - (inner_c - hl) * np.sqrt(np.clip(1 - ((xs - cx) / ia) ** 2, 0, 1)) - 0.01
+        y_fr = ey - eh - 0.85 * ew - 0.05 * b + 0.06 * b * ((xs - cx) / ia) ** 2 + 0.035 * b * (np.arange(15) % 2)
+        _fill(img, np.concatenate([np.stack([xs[::-1], y_top[::-1]], 1), np.stack([xs, np.maximum(y_fr, y_top)], 1)]),
+              _col(hair, 0.95))
+    if f["Eyeglasses"]:
+        gc = _col(f["glasses_color"])
+        rx, ry = ew * 1.45, ew * 1.1
+        for side in (-1, 1):
+            ex = cx + side * es
+            _line(img, _arc(ex, ey, rx, ry, n=24), gc, 0.012, closed=True)
+            _line(img, np.array([[ex + side * rx, ey - 0.2 * ry], [cx + side * a * 0.98, ey - 0.3 * ry]]), gc, 0.01)
+        _line(img, np.array([[cx - es + rx, ey - 0.3 * ry], [cx + es - rx, ey - 0.3 * ry]]), gc, 0.01)
+    if f["Wearing_Hat"]:
+        hc = np.asarray(f["hat_color"], float)
+        if int(f["hat_style"]) == 0:  # beanie
+            _fill(img, _arc(cx, cy - 0.48 * b, a * 1.18, b * 0.82, np.pi, 2 * np.pi, 24), _col(hc))
+            _fill(img, _band(np.array([cx - 1.18 * a, cx + 1.18 * a]), np.full(2, cy - 0.5 * b), np.full(2, 0.09 * b)),
+                  _col(hc, 0.8))
+        else:  # brimmed hat
+            _fill(img, np.concatenate([_arc(cx, cy - 1.05 * b, 0.85 * a, 0.32 * b, np.pi, 2 * np.pi, 16),
+                                       [[cx + 0.95 * a, cy - 0.55 * b], [cx - 0.95 * a, cy - 0.55 * b]]]), _col(hc))
+            _fill(img, _band(np.array([cx - 0.93 * a, cx + 0.93 * a]), np.full(2, cy - 0.68 * b), np.full(2, 0.06 * b)),
+                  _col(hc, 0.5))
+            _fill(img, _arc(cx, cy - 0.56 * b, 1.55 * a, 0.09 * b, n=28), _col(hc, 0.85))
+
+    small = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    # Lighting and noise are pixel-wise and attribute-free, so they preserve the locality of each attribute.
+    gs = np.linspace(-1, 1, size, dtype=np.float32)
+    light = 1 + f["light_strength"] * (np.cos(f["light_angle"]) * gs[None, :] + np.sin(f["light_angle"]) * gs[:, None])
+    out = small * light[..., None]
+    if noise_std > 0:
+        rng = np.random.default_rng(int(f["noise_seed"]))
+        out += rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(255 * noise_std)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -1,0 +1,89 @@
+"""Logger factories named by ``configs/logger/*.yaml``.
+
+Every factory takes the run's ``save_dir`` (the run directory: nothing is written outside it), ``name``,
+``run_id``, ``tags`` and the resolved ``config`` (logged as hyperparameters).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_info
+
+_said_offline = False
+
+
+def wandb_has_credentials() -> bool:
+    """True when W&B can authenticate: an API key in the environment or in ~/.netrc (what `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(mode: str = "auto") -> str:
+    """'online', 'offline' or 'disabled'. 'auto' honours WANDB_MODE, else goes offline when no credentials exist,
+    because wandb itself raises ``UsageError: No API key configured`` in that case."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env == "dryrun" else env
+    return "online" if wandb_has_credentials() else "offline"
+
+
+def wandb_logger(
+    save_dir: str,
+    name: str,
+    run_id: str,
+    tags: list[str],
+    config: dict[str, Any],
+    project: str = "cfgen",
+    entity: str | None = None,
+    group: str | None = None,
+    mode: str = "auto",
+    log_model: bool = False,
+) -> WandbLogger:
+    global _said_offline
+    resolved = wandb_mode(mode)
+    if resolved == "offline" and not _said_offline:
+        _said_offline = True
+        rank_zero_info(
+            f"W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging OFFLINE under {save_dir}/wandb. "
+            f"Upload later with `wandb sync {save_dir}/wandb/offline-run-*`."
+        )
+    # wandb writes caches and staged artifacts under the user's home by default; keep them in the run directory.
+    for var, sub in (("WANDB_CACHE_DIR", ".wandb-cache"), ("WANDB_DATA_DIR", ".wandb-data")):
+        os.environ.setdefault(var, str(Path(save_dir) / sub))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logger = WandbLogger(
+        name=f"{name}/{run_id}",
+        id=run_id.replace("/", "-"),
+        save_dir=save_dir,
+        project=project,
+        entity=entity,
+        group=group or name,
+        tags=list(tags),
+        mode=resolved,
+        resume="allow",
+        log_model=log_model,
+    )
+    logger.log_hyperparams(config)
+    return logger
+
+
+def csv_logger(save_dir: str, name: str, run_id: str, tags: list[str], config: dict[str, Any]) -> CSVLogger:
+    logger = CSVLogger(save_dir=save_dir, name="csv", version="")
+    logger.log_hyperparams(config)
+    return logger
+
+
+def no_logger(save_dir: str, name: str, run_id: str, tags: list[str], config: dict[str, Any]) -> bool:
+    return False

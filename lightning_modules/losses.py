@@ -1,0 +1,103 @@
+"""Loss functions as pure functions of tensors.
+
+Reduction convention (one for every term, so that the paper's weights α, ρ, δ keep one meaning):
+
+* every term is an AVERAGE over the batch (a per-sample expectation);
+* the reconstruction BCE is also averaged over the image elements (the paper defines L_bce with
+  1/M Σ over the M elements);
+* the KL divergence is averaged over the m latent dimensions, so α weighs a per-dimension KL on the same
+  per-element scale as the reconstruction term.
+
+The official IFcVAE-GAN code mixes sums over the batch (reconstruction, KL, GAN) with batch means (class,
+auxiliary), which changes the effective weights by the batch size (64x); we do not copy that.
+
+Sign convention. The paper writes L_bce(a, b) = 1/M Σ a log b + (1 − a) log(1 − b), the log-LIKELIHOOD
+(≤ 0), with a minus sign missing; read literally, minimising L_rec = L_bce(x̂, x) would make reconstructions
+worse. Every ``bce`` here is the proper, positive binary cross-entropy −[t log p + (1 − t) log(1 − p)] with
+the target t and the prediction p = sigmoid(logit). With that sign the equations read as the text says:
+
+* the discriminator MINIMISES L_gan (§3.1; Algorithm 1 line 13 writes "+∇_χ L_gan", ascent on the
+  log-likelihood form, which is the same update as descent on our positive BCE);
+* the decoder and the encoder minimise "… − δ L_gan" (eqs. 3, 4), i.e. they maximise the discriminator's BCE;
+* A_ψ minimises L_aux and the encoder maximises it (eq. 5), i.e. the encoder's loss contains "− L_aux"
+  (eq. 6).
+
+Every function takes LOGITS, never probabilities: BCE-with-logits is numerically stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+GanLossMode = Literal["non_saturating", "minimax"]
+GAN_LOSS_MODES = ("non_saturating", "minimax")
+
+
+def bce_with_logits(logits: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
+    """L_bce(target, sigmoid(logits)) with the proper sign, averaged over every element (paper §3.1).
+
+    A float ``target`` is broadcast (1.0 for "real", 0.0 for "fake").
+    """
+    if not torch.is_tensor(target):
+        target = torch.full_like(logits, float(target))
+    return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), reduction="mean")
+
+
+def reconstruction_bce(x_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L_rec = L_bce(x̂, x) (eqs. 3, 4): BCE of the decoded logits against the image in [0, 1], averaged over
+    the batch and every pixel and channel."""
+    return bce_with_logits(x_logits, x)
+
+
+def kl_normal_std(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """L_KL = KL[N(μ, diag σ²) ‖ N(0, I)] (eq. 1, eq. 4), averaged over the latent dimensions and the batch.
+
+    Per dimension: 0.5 (μ² + σ² − 1 − log σ²).
+    """
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_gan of §3.1 (Bao et al., 2017), which C_χ minimises:
+
+        L_gan = 1/3 [L_bce(1, C(x)) + L_bce(0, C(D(E(x)))) + L_bce(0, C(D(z, y)))]
+
+    for the paper's two kinds of fake (reconstructions and prior samples); in general the mean of the
+    ``1 + len(fake_logits)`` terms, each term averaged over its batch.
+    """
+    terms = [bce_with_logits(real_logits, 1.0)] + [bce_with_logits(f, 0.0) for f in fake_logits]
+    return torch.stack(terms).mean()
+
+
+def gan_generator_loss(
+    fake_logits: Sequence[torch.Tensor], mode: GanLossMode = "non_saturating"
+) -> torch.Tensor:
+    """The generator-side GAN term that the decoder and the encoder MINIMISE in place of "− L_gan" (eqs. 3, 4).
+
+    Each fake term keeps its weight in L_gan, 1 / (1 + len(fake_logits)) (1/3 in the paper), so δ means the
+    same in both modes:
+
+    * ``"minimax"``: −1/3 [L_bce(0, C(x̂)) + L_bce(0, C(x_p))]. The real term of L_gan does not depend on
+      the decoder or the encoder, so this has exactly the gradient of the paper's −L_gan; its value is −L_gan
+      without the real term (≤ 0).
+    * ``"non_saturating"`` (default): +1/3 [L_bce(1, C(x̂)) + L_bce(1, C(x_p))], Goodfellow et al.'s (2014)
+      substitute. When the discriminator confidently rejects fakes early in training, log(1 − C(fake))
+      saturates and the minimax gradient vanishes, while −log C(fake) still gives a strong gradient. Both
+      have the same fixed points. The official IFcVAE-GAN code also trains the generator with
+      BCE(C(fake), 1).
+    """
+    if mode not in GAN_LOSS_MODES:
+        raise ValueError(f"mode must be one of {GAN_LOSS_MODES}, got {mode!r}")
+    weight = 1.0 / (1 + len(fake_logits))
+    if mode == "minimax":
+        return -weight * sum(bce_with_logits(f, 0.0) for f in fake_logits)
+    return weight * sum(bce_with_logits(f, 1.0) for f in fake_logits)
+
+
+def binary_accuracy_from_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of ``(logits > 0) == target`` for 0./1. targets (a logged diagnostic, not a loss)."""
+    return ((logits > 0).to(target.dtype) == target).float().mean()
