@@ -30,7 +30,7 @@ EXPERIMENT_DIR = CONFIG_DIR.parent / "experiments"
 GROUPS = ("model", "data", "trainer", "callbacks", "logger")
 
 # ${add:a,b} lets a network's input width follow from others (latent size + attribute count).
-def _add(*xs: float) -> float:
+def _add(*xs: int | float) -> int | float:
     return sum(xs)
 
 

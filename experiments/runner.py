@@ -164,30 +164,35 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
     ckpt_cb = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
     result = RunResult(run_dir, best_checkpoint=ckpt_cb.best_model_path or None,
                        last_checkpoint=ckpt_cb.last_model_path or None)
-    if cfg.test.enabled and not trainer.fast_dev_run:
+    if cfg.test.enabled:
         which = cfg.test.ckpt
         test_ckpt = result.best_checkpoint if which == "best" and result.best_checkpoint else result.last_checkpoint
+        if trainer.fast_dev_run:
+            test_ckpt = None  # fast_dev_run saves no checkpoint: test the weights in memory
         trainer.test(model, datamodule=datamodule, ckpt_path=test_ckpt, weights_only=False)
-        metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        result.metrics = metrics
-        if trainer.is_global_zero:
-            extra = {
-                "checkpoint": test_ckpt,
-                "test_checkpoint_rule": which,
-                "epochs": trainer.current_epoch,
-                "global_step": trainer.global_step,
-                "wall_time_s": round(time.time() - started, 1),
-                "n_test_samples": _dataset_size(datamodule, "test"),
-            }
-            write_metrics(run_dir, cfg, metrics, extra)
-            for logger in trainer.loggers:
-                if hasattr(logger, "log_table"):
-                    logger.log_table("test/summary", columns=["metric", "value"],
-                                     data=[[k, v] for k, v in sorted(metrics.items())])
-            print(f"\n{cfg.name} ({run_dir})\n{markdown_table(metrics)}")
+        result.metrics = report_test(trainer, datamodule, cfg, run_dir, {
+            "checkpoint": test_ckpt,
+            "test_checkpoint_rule": which,
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "wall_time_s": round(time.time() - started, 1),
+        })
     for logger in trainer.loggers:
         logger.finalize("success")
     return result
+
+
+def report_test(trainer: pl.Trainer, datamodule, cfg: DictConfig, run_dir: Path, extra: dict[str, Any]):
+    """Collect the ``test/`` metrics after ``trainer.test``; write metrics.json/.md, log a table, print it."""
+    metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    if trainer.is_global_zero:
+        write_metrics(run_dir, cfg, metrics, {**extra, "n_test_samples": _dataset_size(datamodule, "test")})
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_table"):
+                logger.log_table("test/summary", columns=["metric", "value"],
+                                 data=[[k, v] for k, v in sorted(metrics.items())])
+        print(f"\n{cfg.name} ({run_dir})\n{markdown_table(metrics)}")
+    return metrics
 
 
 def _dataset_size(datamodule, split: str) -> int | None:

@@ -41,6 +41,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -154,16 +155,19 @@ def sample_factors(n: int, seed: int = 0, correlations: Mapping[str, float] | Fa
 
     tone = u()[:, None] ** 1.3
     skin = np.array([240, 208, 185]) * (1 - tone) + np.array([115, 75, 52]) * tone
-    a = 0.2 + 0.03 * u()
+    a = 0.22 + 0.04 * u()
+    # backgrounds are random colours pulled halfway towards grey, like CelebA's mostly muted backdrops
+    bg = 40 + 190 * rng.random((2, n, 3))
+    bg = 0.45 * bg + 0.55 * bg.mean(2, keepdims=True)
     nuis = {
-        "face_x": 0.5 + 0.03 * (2 * u() - 1), "face_y": 0.52 + 0.025 * (2 * u() - 1),
+        "face_x": 0.5 + 0.03 * (2 * u() - 1), "face_y": 0.5 + 0.025 * (2 * u() - 1),
         "face_a": a, "face_b": a * (1.25 + 0.15 * u()),
         "skin": np.clip(skin + rng.normal(0, 6, (n, 3)), 0, 255),
         "hair_other": jitter(_HAIR_OTHER, _HAIR_OTHER_P, 10), "hair_shade": 2 * u() - 1,
         "eye_sep": 0.4 + 0.06 * u(), "eye_dy": 0.012 * (2 * u() - 1), "eye_w": 0.16 + 0.04 * u(),
         "eye_aspect": 0.45 + 0.15 * u(), "iris": jitter(_IRIS, None, 8),
         "mouth_w": 0.34 + 0.1 * u(), "mouth_dy": 0.01 * (2 * u() - 1),
-        "bg0": 40 + 190 * rng.random((n, 3)), "bg1": 40 + 190 * rng.random((n, 3)),
+        "bg0": bg[0], "bg1": bg[1],
         "bg_angle": 2 * np.pi * u(), "light_angle": 2 * np.pi * u(), "light_strength": 0.25 * u(),
         "clothes": 20 + 210 * rng.random((n, 3)), "hat_color": 20 + 210 * rng.random((n, 3)),
         "glasses_color": jitter(_GLASSES, None, 6),
@@ -203,10 +207,21 @@ def _line(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...], width: flo
                   max(2, round(width * s)), _AA, _SHIFT)
 
 
+@lru_cache(maxsize=None)
+def _unit_arc(t0: float, t1: float, n: int) -> np.ndarray:
+    # cached because rendering spends most of its time building small point arrays, not drawing
+    t = np.linspace(t0, t1, n)
+    return np.stack([np.cos(t), np.sin(t)], 1)
+
+
+@lru_cache(maxsize=None)
+def _lin(n: int, dtype: type = np.float64) -> np.ndarray:
+    return np.linspace(-1.0, 1.0, n, dtype=dtype)
+
+
 def _arc(cx: float, cy: float, a: float, b: float, t0: float = 0.0, t1: float = 2 * np.pi, n: int = 24
          ) -> np.ndarray:
-    t = np.linspace(t0, t1, n)
-    return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], 1)
+    return _unit_arc(t0, t1, n) * (a, b) + (cx, cy)
 
 
 def _band(x: np.ndarray, y: np.ndarray, half: np.ndarray) -> np.ndarray:
@@ -219,7 +234,7 @@ def _mouth_parts(f: Mapping[str, Any], smiling: bool, open_: bool) -> list[tuple
     a, b = f["face_a"], f["face_b"]
     mx, my, mw = f["face_x"], f["face_y"] + 0.56 * b + f["mouth_dy"], f["mouth_w"] * a
     lip = _col(np.asarray(f["skin"]) * np.array([0.82, 0.5, 0.52]) + np.array([30, 0, 5]))
-    u = np.linspace(-1.0, 1.0, 17)
+    u = _lin(17)
     x, bow = mx + mw * u, 1 - u**2
     lt = 0.09 * mw + 0.004  # lip half-thickness
     if not open_:
@@ -261,8 +276,7 @@ def _hair_color(f: Mapping[str, Any]) -> np.ndarray:
 
 
 def _face_outline(cx: float, cy: float, a: float, b: float, male: bool) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-    c, s = np.cos(t), np.sin(t)
+    c, s = _unit_arc(0.0, 2 * np.pi * 47 / 48, 48).T
     if male:  # superellipse below the cheekbones: a squarer jaw
         p = np.where(s > 0, 2 / 3.2, 1.0)
         x, y = np.sign(c) * np.abs(c) ** p, np.sign(s) * np.abs(s) ** p
@@ -279,10 +293,9 @@ def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -
     male, skin = bool(f["Male"]), np.asarray(f["skin"], float)
     hair = _hair_color(f)
 
-    g = np.linspace(-0.5, 0.5, S, dtype=np.float32)
-    t = np.clip(0.5 + np.cos(f["bg_angle"]) * g[None, :] + np.sin(f["bg_angle"]) * g[:, None], 0, 1)
-    bg0, bg1 = np.asarray(f["bg0"], np.float32), np.asarray(f["bg1"], np.float32)
-    img = (bg0 + t[..., None] * (bg1 - bg0)).astype(np.uint8)
+    g = _lin(S, np.float32)
+    t = np.clip(0.5 + 0.5 * np.cos(f["bg_angle"]) * g[None, :] + 0.5 * np.sin(f["bg_angle"]) * g[:, None], 0, 1)
+    img = cv2.merge([cv2.convertScaleAbs(t, alpha=c1 - c0, beta=c0) for c0, c1 in zip(f["bg0"], f["bg1"])])
 
     # Body, then hair behind the head (its length is the style; males have short styles).
     _fill(img, _arc(cx, cy + b + 0.3, 0.42, 0.22), _col(f["clothes"]))
@@ -317,7 +330,7 @@ def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -
 
     mw, my = f["mouth_w"] * a, cy + 0.56 * b + f["mouth_dy"]
     if f["Mustache"]:
-        u = np.linspace(-1, 1, 15)
+        u = _lin(15)
         y = my - 0.34 * mw - 0.09 * mw - 0.05 * b + 0.06 * b * u**2
         _fill(img, _band(cx + 1.1 * mw * u, y, (0.028 * b + 0.012) * (1 - 0.5 * u**2)), _col(hair, 0.8))
     for poly, color in _mouth_parts(f, bool(f["Smiling"]), bool(f["Mouth_Slightly_Open"])):
@@ -332,7 +345,7 @@ def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -
         _fill(img, _arc(ex, ey, eh * 0.95, eh * 0.95, n=14), _col(f["iris"]))
         _fill(img, _arc(ex, ey, eh * 0.45, eh * 0.45, n=10), (15.0, 12.0, 12.0))
         _line(img, _arc(ex, ey, ew, eh, np.pi, 2 * np.pi, 10), _col(skin, 0.45), 0.008)
-        u = np.linspace(-1, 1, 11)
+        u = _lin(11)
         bx = ex + side * (0.1 * ew + 1.15 * ew * u)
         arch = (0.2 if male else 0.45) * ew
         by = ey - eh - (0.55 if male else 0.75) * ew - arch * (1 - u**2) + side * 0.0 * u
@@ -374,10 +387,214 @@ def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -
 
     small = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
     # Lighting and noise are pixel-wise and attribute-free, so they preserve the locality of each attribute.
-    gs = np.linspace(-1, 1, size, dtype=np.float32)
+    gs = _lin(size, np.float32)
     light = 1 + f["light_strength"] * (np.cos(f["light_angle"]) * gs[None, :] + np.sin(f["light_angle"]) * gs[:, None])
     out = small * light[..., None]
     if noise_std > 0:
         rng = np.random.default_rng(int(f["noise_seed"]))
         out += rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(255 * noise_std)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _row(factors: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
+    return {k: np.asarray(v)[i].tolist() for k, v in factors.items()}
+
+
+def render_faces(factors: Mapping[str, np.ndarray], image_size: int, noise_std: float = 0.0) -> np.ndarray:
+    """Render a batch of factor rows (arrays with a leading N) -> uint8 [N, H, W, 3] RGB."""
+    n = len(factors["Smiling"])
+    out = np.empty((n, image_size, image_size, 3), np.uint8)
+    for i in range(n):
+        out[i] = render_face(_row(factors, i), image_size, noise_std)
+    return out
+
+
+def encode_jpeg(img: np.ndarray, quality: int) -> bytes:
+    """The one JPEG encoder of the dataset (Pillow, 4:4:4 chroma so thin coloured strokes survive)."""
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=int(quality), subsampling=0)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """Decode as a Pillow-based loader does (``Image.open(f).convert("RGB")``) -> uint8 [H, W, 3]."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def load_factors(root: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read ``<root>/factors.npz`` -> (factors, builder parameters); rows align with list_attr_celeba.txt."""
+    path = Path(root) / FACTORS_FILE
+    if not path.is_file():
+        raise DatasetError(f"{path} not found: build the synthetic faces first (SyntheticFacesBuilder.build).")
+    with np.load(path, allow_pickle=False) as z:
+        factors = {k: z[k] for k in z.files if not k.startswith("_")}
+        params = json.loads(str(z["_params"]))
+    return factors, params
+
+
+def _binary(name: str, value: Any, n: int) -> np.ndarray:
+    v = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+    v = np.broadcast_to(v.astype(np.float64), (n,)) if v.ndim == 0 else v.astype(np.float64)
+    if v.shape != (n,):
+        raise ValueError(f"do[{name!r}] must be a scalar or have length {n}, got shape {v.shape}")
+    if not np.isin(v, (-1.0, 0.0, 1.0)).all():
+        raise ValueError(f"do[{name!r}] values must be bools, 0/1 or -1/1")
+    return (v > 0).astype(np.int8)
+
+
+class SyntheticFacesBuilder:
+    """Writes (and caches) the synthetic faces in CelebA's layout and renders true counterfactuals.
+
+    Files in ``root``: ``img_align_celeba/%06d.jpg`` (1-based, exactly ``image_size`` square, JPEG by
+    ``encode_jpeg``), ``list_attr_celeba.txt`` (all 40 columns, unmodelled ones -1),
+    ``list_eval_partition.txt`` (the first ``n_train`` rows 0, the next ``n_val`` 1, the last ``n_test`` 2;
+    rows are i.i.d. so no shuffle is needed), ``factors.npz`` (one array per factor plus ``_params``, the
+    parameters as JSON) and ``builder.json`` (parameters and format version, written last so that an
+    interrupted build is never taken for a complete one). All arguments are JSON-serialisable.
+    ``correlations`` is a partial dict of ``FaceCorrelations`` fields (None -> defaults).
+    """
+
+    def __init__(self, n_train: int = 20000, n_val: int = 2000, n_test: int = 2000, image_size: int = 64,
+                 seed: int = 0, correlations: Mapping[str, float] | None = None, jpeg_quality: int = 95,
+                 noise_std: float = 0.02) -> None:
+        if min(n_train, n_val, n_test) < 0 or n_train + n_val + n_test == 0:
+            raise ValueError("split sizes must be >= 0 with at least one image")
+        if image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {image_size}")
+        self.n_train, self.n_val, self.n_test = int(n_train), int(n_val), int(n_test)
+        self.image_size, self.seed = int(image_size), int(seed)
+        self.correlations = _as_correlations(correlations)
+        self.jpeg_quality, self.noise_std = int(jpeg_quality), float(noise_std)
+        self.render_count = 0  # images rendered by build(); tests use it to see the cache at work
+        self._factors: dict[Path, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"n_train": self.n_train, "n_val": self.n_val, "n_test": self.n_test,
+                "image_size": self.image_size, "seed": self.seed, "correlations": asdict(self.correlations),
+                "jpeg_quality": self.jpeg_quality, "noise_std": self.noise_std}
+
+    @property
+    def n_images(self) -> int:
+        return self.n_train + self.n_val + self.n_test
+
+    def filenames(self) -> list[str]:
+        return [f"{i + 1:06d}.jpg" for i in range(self.n_images)]
+
+    def sample_factors(self) -> dict[str, np.ndarray]:
+        return sample_factors(self.n_images, self.seed, self.correlations)
+
+    def is_built(self, root: str | Path) -> bool:
+        """True when ``root`` holds a complete build with exactly these parameters."""
+        root = Path(root)
+        try:
+            manifest = json.loads((root / MANIFEST_FILE).read_text())
+        except (OSError, ValueError):
+            return False
+        if manifest.get("format_version") != FORMAT_VERSION or manifest.get("params") != self.params:
+            return False
+        if not all((root / f).is_file() for f in (ATTR_FILE, PARTITION_FILE, FACTORS_FILE)):
+            return False
+        names = self.filenames()
+        img_dir = root / IMAGE_DIR
+        return (img_dir.is_dir() and len(os.listdir(img_dir)) == len(names)
+                and (img_dir / names[0]).is_file() and (img_dir / names[-1]).is_file())
+
+    def build(self, root: str | Path) -> Path:
+        """Write the dataset into ``root`` unless an identical build is already there; returns ``root``."""
+        root = Path(root)
+        if self.is_built(root):
+            return root
+        ours = (root / MANIFEST_FILE).exists() or (root / FACTORS_FILE).exists()
+        if not ours and ((root / IMAGE_DIR).exists() or (root / ATTR_FILE).exists()):
+            raise DatasetError(f"{root} holds a CelebA-like dataset that this builder did not write; refusing to "
+                               f"overwrite it. Point the synthetic faces at an empty folder.")
+        (root / MANIFEST_FILE).unlink(missing_ok=True)
+        shutil.rmtree(root / IMAGE_DIR, ignore_errors=True)
+        for name in (ATTR_FILE, PARTITION_FILE, FACTORS_FILE):
+            (root / name).unlink(missing_ok=True)
+        self._factors.pop(root.resolve(), None)
+        (root / IMAGE_DIR).mkdir(parents=True)
+
+        factors = self.sample_factors()
+        np.savez(root / FACTORS_FILE, _params=np.array(json.dumps(self.params)), **factors)
+        names = self.filenames()
+        write_attributes(root / ATTR_FILE, names, celeba_attributes(factors))
+        partition = np.repeat([0, 1, 2], [self.n_train, self.n_val, self.n_test])
+        write_partition(root / PARTITION_FILE, names, partition)
+        for i in tqdm(range(self.n_images), desc=f"Rendering synthetic faces into {root}", unit="img"):
+            img = render_face(_row(factors, i), self.image_size, self.noise_std)
+            (root / IMAGE_DIR / names[i]).write_bytes(encode_jpeg(img, self.jpeg_quality))
+            self.render_count += 1
+        manifest = {"format_version": FORMAT_VERSION, "params": self.params}
+        (root / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return root
+
+    def load_factors(self, root: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """``load_factors(root)``, cached on this instance."""
+        key = Path(root).resolve()
+        if key not in self._factors:
+            self._factors[key] = load_factors(key)
+        return self._factors[key]
+
+    def render(self, factors: Mapping[str, Any]) -> np.ndarray:
+        """Render a row (scalars -> [H, W, 3]) or a batch (arrays -> [N, H, W, 3]) with this builder's
+        image size and noise; no JPEG."""
+        if np.ndim(factors["Smiling"]) == 0:
+            return render_face(_row({k: np.asarray(v)[None] for k, v in factors.items()}, 0),
+                               self.image_size, self.noise_std)
+        return render_faces(factors, self.image_size, self.noise_std)
+
+    def true_counterfactual(self, root: str | Path, indices: Any, do: Mapping[str, Any],
+                            jpeg_roundtrip: bool = True) -> np.ndarray:
+        """The images at ``indices`` (0-based rows of list_attr_celeba.txt) re-rendered with the attributes
+        in ``do`` set and every other factor, noise included, unchanged -> uint8 [N, H, W, 3] RGB.
+
+        ``do`` maps a modelled attribute (``MODELLED_ATTRIBUTES``, CelebA meaning: ``No_Beard=0`` draws a
+        beard) to a scalar or a length-N array of bools, 0/1 or -1/1 (numpy, lists or CPU tensors). The
+        intervention sets only what it names: do(Smiling=1) leaves Mouth_Slightly_Open, although correlated
+        with Smiling in the data, as it was, and do(Male=0) keeps a beard; the one exception is hair
+        colour, a single categorical variable, so setting Black_Hair or Blond_Hair to 1 clears the other
+        unless ``do`` sets it too (both 1 is an error). Rendering uses the parameters stored in ``root``.
+        With ``jpeg_roundtrip`` the images go through the dataset's JPEG encoder and a Pillow decode, so an
+        empty or no-op intervention returns exactly the stored file as ``Image.open(f).convert("RGB")``
+        decodes it.
+        """
+        factors, params = self.load_factors(root)
+        idx = np.asarray(indices.detach().cpu().numpy() if hasattr(indices, "detach") else indices,
+                         np.int64).reshape(-1)
+        n_rows = len(factors["Smiling"])
+        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
+            raise IndexError(f"indices must lie in [0, {n_rows}) for the dataset in {root}")
+        unknown = [k for k in do if k not in MODELLED_ATTRIBUTES]
+        if unknown:
+            raise ValueError(f"cannot intervene on {unknown}: the synthetic faces model only "
+                             f"{', '.join(MODELLED_ATTRIBUTES)}")
+        rows = {k: v[idx].copy() for k, v in factors.items()}
+        values = {k: _binary(k, v, len(idx)) for k, v in do.items()}
+        for mine, other in (("Black_Hair", "Blond_Hair"), ("Blond_Hair", "Black_Hair")):
+            if mine in values and other in values and (values[mine] & values[other]).any():
+                raise ValueError("Black_Hair and Blond_Hair cannot both be 1: hair colour is one variable")
+            if mine in values and other not in values:
+                rows[other] = np.where(values[mine] == 1, 0, rows[other]).astype(np.int8)
+        rows.update(values)
+        images = render_faces(rows, params["image_size"], params["noise_std"])
+        if jpeg_roundtrip:
+            for i in range(len(images)):
+                images[i] = decode_jpeg(encode_jpeg(images[i], params["jpeg_quality"]))
+        return images
+
+
+def preview_grid(path: str | Path, n: int = 32, image_size: int = 64, seed: int = 0, pairs: int = 8) -> np.ndarray:
+    """Save a PNG of ``n`` sampled faces followed by ``pairs`` factual | do(Smiling = flipped) pairs."""
+    factors = sample_factors(n + pairs, seed)
+    faces = list(render_faces({k: v[:n] for k, v in factors.items()}, image_size, 0.02))
+    for i in range(n, n + pairs):
+        row = _row(factors, i)
+        flipped = dict(row, Smiling=1 - row["Smiling"])
+        faces += [render_face(row, image_size, 0.02), render_face(flipped, image_size, 0.02)]
+    cols = 8
+    faces += [np.zeros_like(faces[0])] * (-len(faces) % cols)
+    grid = np.concatenate([np.concatenate(faces[r:r + cols], 1) for r in range(0, len(faces), cols)], 0)
+    Image.fromarray(grid).save(path)
+    return grid

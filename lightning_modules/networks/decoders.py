@@ -62,17 +62,21 @@ class ConvDecoder(nn.Module):
         self.fc = nn.Sequential(nn.Linear(in_features, widths[0] * 4 * 4), nn.ReLU())
         layers: list[nn.Module] = []
         if arch == "dcgan":
-            for c_in, c_out in zip(widths[:-1], widths[1:]):
+            for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
                 layers += [_up_transposed(c_in, c_out), make_norm(norm, c_out), nn.ReLU()]
             layers.append(_up_transposed(widths[-1], out_channels))
         else:
-            for c_in, c_out in zip(widths, widths[1:] + widths[-1:]):
+            for c_in, c_out in zip(widths, widths[1:] + widths[-1:], strict=True):
                 layers += [
                     nn.Upsample(scale_factor=2, mode="nearest"),
                     nn.Conv2d(c_in, c_out, 3, padding=1),
                     PreActResBlock(c_out, norm),
                 ]
-            layers += [make_norm(norm, widths[-1]), nn.ReLU(), nn.Conv2d(widths[-1], out_channels, 3, padding=1)]
+            layers += [
+                make_norm(norm, widths[-1]),
+                nn.ReLU(),
+                nn.Conv2d(widths[-1], out_channels, 3, padding=1),
+            ]
         self.net = nn.Sequential(*layers)
         init_weights(self, init)
 

@@ -1,0 +1,341 @@
+"""The attribute-editing evaluation of IFcVAE-GAN (§4.1–4.2) as a Lightning callback, for any counterfactual model.
+
+:class:`AttributeEditingMetrics` runs in validation (every ``every_n_epochs`` epochs, optionally on the first
+``limit_val_batches`` batches only) and in test (always, on the whole set). For each batch it reconstructs the
+images, edits them with ``do(attr=0)`` and ``do(attr=1)`` through the :class:`CounterfactualModule` contract,
+scores the edits with an independent, frozen oracle classifier, and compares the model's flip
+``do(attr=1-y)`` with the DataModule's ground-truth counterfactual when the data is synthetic.
+
+Logged keys (``stage`` is ``val`` or ``test``, ``attr`` the attribute's name) and their names in the paper:
+
+==================================  =====================================================================
+key                                 meaning
+==================================  =====================================================================
+``{stage}/mse``                     MSE between ``x`` and ``x̂ = reconstruct(x, pa)`` (paper: MSE)
+``{stage}/edit/{attr}/C_pos_paper`` do(attr=1) edits the oracle calls positive, inputs with true ``attr=1``
+                                    only (paper: Ĉ_Smiling; "all input test images ... were 'Smiling'")
+``{stage}/edit/{attr}/C_neg_paper`` do(attr=0) edits the oracle calls negative, inputs with true ``attr=1``
+                                    only (paper: Ĉ_Not-Smiling)
+``{stage}/edit/{attr}/C_pos_all``   as ``C_pos_paper`` over all inputs
+``{stage}/edit/{attr}/C_neg_all``   as ``C_neg_paper`` over all inputs
+``{stage}/edit/{attr}/n_paper``     number of inputs with true ``attr=1`` (the paper protocol's sample size)
+``{stage}/acc/E_y/{attr}``          accuracy of the model's own classifier on real images (paper: Acc.
+                                    (E_y,φ)); only for models that implement ``predict_attributes``
+``{stage}/acc/oracle/{attr}``       accuracy of the oracle on real images (shows it can be trusted)
+``{stage}/true_cf/mse``             pixel MSE between the model's ``do(attr=1-y)`` and the true one
+``{stage}/true_cf/l1``              pixel L1 (mean absolute error) of the same pair
+``{stage}/n_images``                number of images evaluated
+==================================  =====================================================================
+
+A probability ``p`` is positive iff ``p > threshold`` (as torchmetrics' ``BinaryAccuracy``). Metrics whose
+inputs are unavailable (no oracle, a model that cannot abduct, no ground truth, an empty paper subset) are
+not logged; the reason is printed once and kept in :attr:`AttributeEditingMetrics.skipped`.
+
+Values are torchmetrics sums/counts synchronised across processes at compute time, so they are logged with
+``sync_dist=False`` and are the same on one process or many, provided every sample is seen exactly once:
+Lightning's default ``DistributedSampler`` pads the evaluation set by repeating samples, so exact
+evaluation under DDP needs ``use_distributed_sampler=False`` and a non-padding sampler (or one device).
+After ``trainer.test`` the final values are in ``callback.results["test"]`` (a dict key -> float); with
+``ddp_spawn`` that dict stays in the worker processes, so read ``trainer.callback_metrics`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from callbacks.logging_utils import log_table
+from callbacks.metrics.editing import EditSuccessRate, ReconstructionMSE, TrueCounterfactualError
+from lightning_modules.base import CounterfactualModule
+
+__all__ = ["AttributeEditingMetrics", "evaluation_mode", "load_oracle"]
+
+STAGES = ("val", "test")
+
+
+def load_oracle(path: str | os.PathLike) -> nn.Module:
+    """Load the independent attribute classifier (``AttributeClassifier``) from a checkpoint, on the CPU."""
+    # Imported here so that this module (and its tests, which use a fake oracle) do not depend on it.
+    from lightning_modules.attribute_classifier import AttributeClassifier
+
+    return AttributeClassifier.load_from_checkpoint(path, map_location="cpu")
+
+
+@contextmanager
+def evaluation_mode(module: nn.Module, seed: int | None = None) -> Iterator[None]:
+    """Run a block with ``module`` in eval mode, without gradients, and without touching the global RNG.
+
+    Models may draw noise while abducting; a callback that consumed the global RNG would change the training
+    run it observes (and break resume determinism). Inside the block the CPU and the module's CUDA generator
+    are forked, and seeded with ``seed`` when given so that evaluation noise is reproducible; on exit both
+    generators and every submodule's train/eval flag are restored.
+    """
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    modes = [(m, m.training) for m in module.modules()]
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+        module.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+
+def _implements_own_classifier(pl_module: pl.LightningModule) -> bool:
+    method = getattr(type(pl_module), "predict_attributes", None)
+    return method is not None and method is not CounterfactualModule.predict_attributes
+
+
+class AttributeEditingMetrics(pl.Callback):
+    """Reconstruction MSE, edit success rates Ĉ, classifier accuracies and true-counterfactual error.
+
+    :param attribute: the binary attribute to edit (a parent name of the model and DataModule).
+    :param oracle: checkpoint of the independent classifier (must exist), or an already-built module with
+        ``predict_attributes(x) -> {name: probability [B]}``; ``None`` skips the edit success rates.
+    :param oracle_experiment: name of the experiment that trains the oracle, quoted in the error message.
+    :param threshold: probability above which (strictly) a classifier output is positive.
+    :param every_n_epochs: during ``fit``, run validation metrics after every n-th epoch (``validate`` and
+        ``test`` always run).
+    :param limit_val_batches: in validation, use only the first n batches of each process (a cheap subset).
+    :param true_counterfactuals: compare with the DataModule's ground-truth counterfactuals when it has them.
+    :param seed: seed of the (forked) RNG used by the model while it is evaluated here.
+    """
+
+    def __init__(
+        self,
+        attribute: str,
+        oracle: str | os.PathLike | nn.Module | None = None,
+        oracle_experiment: str | None = None,
+        threshold: float = 0.5,
+        every_n_epochs: int = 1,
+        limit_val_batches: int | None = None,
+        true_counterfactuals: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if limit_val_batches is not None and limit_val_batches < 1:
+            raise ValueError(f"limit_val_batches must be None or >= 1, got {limit_val_batches}")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.attribute = attribute
+        self.threshold = float(threshold)
+        self.every_n_epochs = every_n_epochs
+        self.limit_val_batches = limit_val_batches
+        self.true_counterfactuals = true_counterfactuals
+        self.seed = seed
+        self.oracle_path: Path | None = None
+        # The oracle lives on the callback, not on the LightningModule: it is no submodule of the model, so it
+        # stays out of the model's state_dict and checkpoints (Callback.state_dict is empty).
+        self._oracle: nn.Module | None = None
+        if isinstance(oracle, nn.Module):
+            self._oracle = oracle
+        elif oracle is not None:
+            self.oracle_path = Path(oracle).expanduser()
+            if not self.oracle_path.is_file():
+                how = (f"`make train EXP={oracle_experiment}`" if oracle_experiment
+                       else f"the classifier experiment for {attribute!r} (`make train EXP=<experiment>`)")
+                raise FileNotFoundError(
+                    f"oracle checkpoint {str(self.oracle_path)!r} does not exist; train it with {how}, "
+                    f"or set the callback's `oracle` to the checkpoint's path."
+                )
+        self._metrics: dict[str, nn.ModuleDict] = {}
+        self._enabled: dict[str, bool] = {}
+        #: metric group -> reason it is not computed (each reason is printed once).
+        self.skipped: dict[str, str] = {}
+        #: stage -> {key: value} of the last completed evaluation; ``results["test"]`` after ``trainer.test``.
+        self.results: dict[str, dict[str, float]] = {}
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._metrics:
+            self._metrics = {s: self._build_metrics() for s in STAGES}
+        if self._oracle is None and self.oracle_path is not None:
+            self._oracle = load_oracle(self.oracle_path)
+        if self._oracle is not None:
+            self._oracle.eval()
+            self._oracle.requires_grad_(False)
+        self._enabled = self._decide_enabled(trainer, pl_module)
+
+    def _build_metrics(self) -> nn.ModuleDict:
+        t = self.threshold
+        return nn.ModuleDict({
+            "n_images": SumMetric(),
+            "mse": ReconstructionMSE(),
+            "C_pos_paper": EditSuccessRate(target=1, threshold=t),
+            "C_neg_paper": EditSuccessRate(target=0, threshold=t),
+            "C_pos_all": EditSuccessRate(target=1, threshold=t),
+            "C_neg_all": EditSuccessRate(target=0, threshold=t),
+            "n_paper": SumMetric(),
+            "acc_E_y": BinaryAccuracy(threshold=t),
+            "acc_oracle": BinaryAccuracy(threshold=t),
+            "true_cf": TrueCounterfactualError(),
+        })
+
+    def _decide_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, bool]:
+        """Which metric groups can run; decided from configuration only, so identical on every process."""
+        can_abduct = getattr(pl_module, "can_abduct", True)
+        if not can_abduct:
+            self._skip("abduction", f"{type(pl_module).__name__} cannot abduct: no reconstruction, edits or "
+                                    "true-counterfactual error")
+        if self._oracle is None:
+            self._skip("oracle", "no oracle classifier given (`oracle=None`): no edit success rates Ĉ and no "
+                                 "oracle accuracy")
+        own_classifier = _implements_own_classifier(pl_module)
+        if not own_classifier:
+            self._skip("E_y", f"{type(pl_module).__name__} has no attribute classifier of its own "
+                              "(predict_attributes): no E_y accuracy")
+        true_cf = self._true_counterfactuals_available(trainer) and can_abduct
+        return {"reconstruction": can_abduct, "edits": can_abduct and self._oracle is not None,
+                "acc_oracle": self._oracle is not None, "acc_E_y": own_classifier, "true_cf": true_cf}
+
+    def _true_counterfactuals_available(self, trainer: pl.Trainer) -> bool:
+        if not self.true_counterfactuals:
+            self._skip("true_cf", "true-counterfactual error disabled (`true_counterfactuals=False`)")
+            return False
+        datamodule = trainer.datamodule
+        if datamodule is None or not getattr(datamodule, "has_true_counterfactuals", False):
+            name = type(datamodule).__name__ if datamodule is not None else "no DataModule"
+            self._skip("true_cf", f"{name} has no ground-truth counterfactuals: no true-counterfactual error")
+            return False
+        return True
+
+    def _skip(self, group: str, reason: str) -> None:
+        if self.skipped.get(group) != reason:
+            self.skipped[group] = reason
+            rank_zero_info(f"[{type(self).__name__}] {reason}")
+
+    def _active(self, trainer: pl.Trainer, stage: str) -> bool:
+        if stage == "test":
+            return True
+        if trainer.sanity_checking:
+            return False
+        return trainer.state.fn != TrainerFn.FITTING or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _start(self, stage: str, pl_module: pl.LightningModule) -> None:
+        # Moved here rather than in setup: Lightning moves the model to its device only after the setup hooks.
+        self._metrics[stage].to(pl_module.device)
+        for metric in self._metrics[stage].values():
+            metric.reset()
+        if self._oracle is not None:
+            self._oracle.to(pl_module.device)
+
+    # -- Lightning hooks -----------------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active(trainer, "val"):
+            self._start("val", pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start("test", pl_module)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Mapping[str, Any],
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        if not self._active(trainer, "val"):
+            return
+        if self.limit_val_batches is not None and batch_idx >= self.limit_val_batches:
+            return
+        self._update("val", trainer, pl_module, batch, self._batch_seed(trainer, batch_idx, dataloader_idx))
+
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Mapping[str, Any],
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        self._update("test", trainer, pl_module, batch, self._batch_seed(trainer, batch_idx, dataloader_idx))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active(trainer, "val"):
+            self._finish("val", pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        values = self._finish("test", pl_module)
+        log_table(trainer, f"test/edit/{self.attribute}/table", ["metric", "value"],
+                  [[key, value] for key, value in values.items()], step=trainer.global_step)
+
+    # -- per batch and per epoch ---------------------------------------------------------------------------
+    def _batch_seed(self, trainer: pl.Trainer, batch_idx: int, dataloader_idx: int) -> int:
+        return self.seed + 1_000_003 * trainer.global_rank + 10_007 * dataloader_idx + batch_idx
+
+    def _update(
+        self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any], seed: int
+    ) -> None:
+        m, enabled, attr = self._metrics[stage], self._enabled, self.attribute
+        x, pa = batch["x"], batch["pa"]
+        y = pa[attr]
+        positive = y > 0.5
+        m["n_images"].update(torch.tensor(float(x.shape[0]), device=x.device))
+        with evaluation_mode(pl_module, seed):
+            if enabled["acc_E_y"]:
+                m["acc_E_y"].update(pl_module.predict_attributes(x)[attr], positive.long())
+            if enabled["acc_oracle"]:
+                m["acc_oracle"].update(self._oracle_probs(x), positive.long())
+            if not enabled["reconstruction"]:
+                return
+            m["mse"].update(pl_module.reconstruct(x, pa), x)
+            edit_0 = pl_module.counterfactual(x, pa, {attr: torch.zeros_like(y)})
+            edit_1 = pl_module.counterfactual(x, pa, {attr: torch.ones_like(y)})
+            if enabled["edits"]:
+                probs_0, probs_1 = self._oracle_probs(edit_0), self._oracle_probs(edit_1)
+                m["C_pos_all"].update(probs_1)
+                m["C_neg_all"].update(probs_0)
+                m["C_pos_paper"].update(probs_1, mask=positive)
+                m["C_neg_paper"].update(probs_0, mask=positive)
+                m["n_paper"].update(positive.sum().to(torch.float32))
+        if enabled["true_cf"]:
+            # do(attr = 1 - y) is do(attr=0) for positive inputs and do(attr=1) for negative ones: reuse the edits.
+            flipped = torch.where(positive.view(-1, *([1] * (x.ndim - 1))), edit_0, edit_1)
+            truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {attr: (1.0 - y).cpu()})
+            m["true_cf"].update(flipped, truth.to(device=flipped.device, dtype=flipped.dtype))
+
+    def _oracle_probs(self, x: Tensor) -> Tensor:
+        return self._oracle.predict_attributes(x)[self.attribute]
+
+    def _finish(self, stage: str, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Compute (synchronising processes), log, reset; returns the logged values."""
+        m, enabled, attr = self._metrics[stage], self._enabled, self.attribute
+        # Every process computes the same metrics in the same order: compute() is a collective operation.
+        computed: dict[str, Tensor] = {f"{stage}/n_images": m["n_images"].compute()}
+        if enabled["reconstruction"]:
+            computed[f"{stage}/mse"] = m["mse"].compute()
+        if enabled["edits"]:
+            for name in ("C_pos_paper", "C_neg_paper", "C_pos_all", "C_neg_all", "n_paper"):
+                computed[f"{stage}/edit/{attr}/{name}"] = m[name].compute()
+        if enabled["acc_E_y"]:
+            computed[f"{stage}/acc/E_y/{attr}"] = m["acc_E_y"].compute()
+        if enabled["acc_oracle"]:
+            computed[f"{stage}/acc/oracle/{attr}"] = m["acc_oracle"].compute()
+        if enabled["true_cf"]:
+            for name, value in m["true_cf"].compute().items():
+                computed[f"{stage}/true_cf/{name}"] = value
+        values = {}
+        for key, value in computed.items():
+            value = float(value)
+            if value != value:  # NaN: an empty set, e.g. no positive input in the paper subset
+                self._skip(key, f"{key}: no samples in {stage}, not logged")
+                continue
+            values[key] = value
+            pl_module.log(key, value, sync_dist=False)
+        for metric in m.values():
+            metric.reset()
+        self.results[stage] = values
+        return values

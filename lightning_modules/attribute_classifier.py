@@ -1,0 +1,124 @@
+"""The independent attribute classifier: the evaluation oracle of the IFcVAE-GAN paper's §4.1.
+
+"We train an independent classifier on real images to classify the presence (y = 1) or absence (y = 0) of a
+desired attribute" and apply it to edited images to score Ĉ_Smiling / Ĉ_Not-Smiling. The official code's
+classifier training code and weights are not published; this module trains one (one BCE-with-logits head per
+attribute, Adam) from its own experiment, and the metric callbacks load it with
+``AttributeClassifier.load_from_checkpoint(path)`` and use ``predict_attributes`` in eval mode under no_grad.
+
+The network is a built module or a ``{"_target_": ..., **kwargs}`` dict; its config is stored as a
+hyperparameter so that the checkpoint alone rebuilds it (``networks.blocks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+from torchmetrics.classification import BinaryAccuracy
+
+from lightning_modules.losses import bce_with_logits
+from lightning_modules.networks.blocks import build_network, network_config
+
+
+class AttributeClassifier(pl.LightningModule):
+    """Multi-label binary attribute classifier on real images in [0, 1].
+
+    :param network: image [B, C, H, W] -> logits [B, len(attributes)] (e.g. ``ConvClassifier``).
+    :param attributes: names of the binary attributes in ``batch["pa"]``, in the network's output order.
+    :param lr: Adam learning rate.
+    :param weight_decay: Adam (L2) weight decay.
+    :param hflip: random horizontal flips of the training images (faces are roughly mirror-symmetric; turn
+        it off for data where left and right matter, e.g. digits).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module | Mapping[str, Any],
+        attributes: Sequence[str],
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        hflip: bool = False,
+    ):
+        super().__init__()
+        self.network = build_network(network)
+        self.attributes = [str(a) for a in attributes]
+        n_outputs = getattr(self.network, "n_outputs", None)
+        if n_outputs is not None and n_outputs != len(self.attributes):
+            raise ValueError(
+                f"network.n_outputs={n_outputs} but {len(self.attributes)} attributes were given"
+            )
+        self.save_hyperparameters(ignore=["network", "attributes"])
+        self.save_hyperparameters({"attributes": self.attributes})
+        config = network_config(self.network)
+        if config is None:
+            rank_zero_warn(
+                "AttributeClassifier: the network does not record its config; pass it to load_from_checkpoint"
+            )
+        else:
+            self.save_hyperparameters({"network": config})
+        # One metric per stage and attribute, indexed by position (a ModuleDict rejects names with dots).
+        self.val_acc = nn.ModuleList(BinaryAccuracy() for _ in self.attributes)
+        self.test_acc = nn.ModuleList(BinaryAccuracy() for _ in self.attributes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def predict_attributes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{attribute: P(attribute = 1 | x)} with tensors [B]."""
+        probs = torch.sigmoid(self.network(x))
+        return {name: probs[:, i] for i, name in enumerate(self.attributes)}
+
+    def _targets(self, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        missing = [a for a in self.attributes if a not in pa]
+        if missing:
+            raise KeyError(f"AttributeClassifier needs attributes {missing} in pa; got {sorted(pa)}")
+        return torch.stack([pa[a].float().reshape(-1) for a in self.attributes], dim=1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x, y = batch["x"], self._targets(batch["pa"])
+        if self.hparams.hflip:
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        loss = bce_with_logits(self.network(x), y)
+        self.log("train/loss", loss, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def _eval_step(self, batch: dict[str, Any], stage: str, metrics: nn.ModuleList) -> None:
+        x, y = batch["x"], self._targets(batch["pa"])
+        logits = self.network(x)
+        self.log(f"{stage}/loss", bce_with_logits(logits, y), batch_size=x.shape[0])
+        # Probabilities, not logits: BinaryAccuracy applies a sigmoid only when some value lies outside [0, 1].
+        probs = torch.sigmoid(logits)
+        for i, metric in enumerate(metrics):
+            metric.update(probs[:, i], y[:, i].long())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracy("val", self.val_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test", self.test_acc)
+
+    def _log_accuracy(self, stage: str, metrics: nn.ModuleList) -> None:
+        """Accuracy over the whole epoch (not a mean of batch accuracies), per attribute and averaged."""
+        accs = [metric.compute() for metric in metrics]
+        for name, acc in zip(self.attributes, accs, strict=True):
+            self.log(f"{stage}/acc/{name}", acc)
+        self.log(f"{stage}/acc_mean", torch.stack(accs).mean())
+        for metric in metrics:
+            metric.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.network.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
