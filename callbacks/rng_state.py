@@ -19,9 +19,11 @@ class RNGState(pl.Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        # numpy's key array is stored as a tensor so that checkpoints stay loadable with weights_only=True.
+        kind, key, pos, has_gauss, cached = np.random.get_state()
         state = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": (kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, cached),
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -38,7 +40,8 @@ class RNGState(pl.Callback):
             return
         state, self._pending = self._pending, None
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        kind, key, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

@@ -62,3 +62,29 @@ class CounterfactualDataModule(pl.LightningDataModule):
         set to the given values and every other generative factor unchanged, after the same preprocessing
         as the batches."""
         raise NotImplementedError(f"{type(self).__name__} has no ground-truth counterfactuals")
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Shuffles (or draws with replacement by ``weights``) with a generator seeded by ``seed + epoch``.
+
+    The order of every epoch is then a function of the seed and the epoch number alone, as with
+    ``DistributedSampler``: it does not depend on how much of the global RNG something else consumed, so a run
+    resumed from a checkpoint sees exactly the batches the uninterrupted run would have. Lightning calls
+    ``set_epoch`` at the start of every epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0, weights: torch.Tensor | None = None):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.weights is None:
+            return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist())

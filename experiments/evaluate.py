@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from omegaconf import OmegaConf
 
 from configs.loader import ConfigError, compose
 from datamodules.base import DatasetError
-from experiments.runner import CONFIG_FILE, _run_dir, build, report_test
+from experiments.runner import _run_dir, build, report_test
 
 
 def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | None]:
@@ -26,8 +25,6 @@ def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | No
     if cfg.run_id is None:
         cfg.run_id = "eval-" + time.strftime("%Y%m%d-%H%M%S")
     run_dir = _run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model, trainer = build(cfg, run_dir)
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 _said_offline = False
+# Cache and staging folders the user chose before starting; others are pointed into each run's directory.
+_USER_WANDB_DIRS = {v for v in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR") if v in os.environ}
+
+
+@rank_zero_only
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def wandb_has_credentials() -> bool:
@@ -55,13 +63,14 @@ def wandb_logger(
     resolved = wandb_mode(mode)
     if resolved == "offline" and not _said_offline:
         _said_offline = True
-        rank_zero_info(
+        _say(
             f"W&B: no credentials found (WANDB_API_KEY or `wandb login`), logging OFFLINE under {save_dir}/wandb. "
             f"Upload later with `wandb sync {save_dir}/wandb/offline-run-*`."
         )
     # wandb writes caches and staged artifacts under the user's home by default; keep them in the run directory.
     for var, sub in (("WANDB_CACHE_DIR", ".wandb-cache"), ("WANDB_DATA_DIR", ".wandb-data")):
-        os.environ.setdefault(var, str(Path(save_dir) / sub))
+        if var not in _USER_WANDB_DIRS:
+            os.environ[var] = str(Path(save_dir) / sub)
     os.environ.setdefault("WANDB_SILENT", "true")
     logger = WandbLogger(
         name=f"{name}/{run_id}",

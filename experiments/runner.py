@@ -69,19 +69,18 @@ def resolve_resume(resume: str, name: str, runs_dir: str) -> Path:
     return run_dir.resolve()
 
 
-def _checkpoint_callback(cfg: DictConfig, run_dir: Path) -> ModelCheckpoint:
+def _checkpoint_callbacks(cfg: DictConfig, run_dir: Path) -> list[ModelCheckpoint]:
+    """``last.ckpt`` every ``every_n_epochs`` (what resuming needs) and ``best.ckpt`` by ``checkpoint.monitor``.
+
+    Two callbacks, because Lightning's ``save_last`` only refreshes last.ckpt when the monitored metric improves.
+    """
     ck = cfg.checkpoint
-    return ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor=ck.monitor,
-        mode=ck.mode,
-        save_last=True,
-        save_top_k=1 if ck.monitor else 0,
-        every_n_epochs=ck.every_n_epochs,
-        every_n_train_steps=ck.every_n_train_steps,
-        enable_version_counter=False,
-    )
+    common = dict(dirpath=run_dir / "checkpoints", every_n_epochs=ck.every_n_epochs,
+                  every_n_train_steps=ck.every_n_train_steps, enable_version_counter=False)
+    last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
+    if not ck.monitor:
+        return [last]
+    return [ModelCheckpoint(filename="best", monitor=ck.monitor, mode=ck.mode, save_top_k=1, **common), last]
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -116,11 +115,14 @@ def markdown_table(metrics: dict[str, float | None]) -> str:
 
 def build(cfg: DictConfig, run_dir: Path):
     """Data, model, callbacks, logger and trainer of a composed config, in the order that fails fastest on a
-    user mistake: the data first (a missing dataset is the commonest one), the trainer last."""
+    user mistake: the data first (a missing dataset is the commonest one), the trainer last. The run directory
+    and its config.yaml are written once the data is known to exist."""
     datamodule = instantiate(cfg.data, "data")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     model = instantiate(cfg.model, "model")
     callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items() if c is not None]
-    callbacks += [_checkpoint_callback(cfg, run_dir), RNGState()]
+    callbacks += [*_checkpoint_callbacks(cfg, run_dir), RNGState()]
     logger = instantiate(
         cfg.logger,
         "logger",
@@ -149,8 +151,6 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
     else:
         run_dir = resume_dir
         ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
 
@@ -161,9 +161,10 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
         print(f"Interrupted. Resume with: python -m experiments {cfg.name} resume={run_dir}", file=sys.stderr)
         return RunResult(run_dir)
 
-    ckpt_cb = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
-    result = RunResult(run_dir, best_checkpoint=ckpt_cb.best_model_path or None,
-                       last_checkpoint=ckpt_cb.last_model_path or None)
+    saved = {Path(c.dirpath or "") / c.filename: c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)}
+    best, last = saved.get(run_dir / "checkpoints" / "best"), saved[run_dir / "checkpoints" / "last"]
+    result = RunResult(run_dir, best_checkpoint=(best.best_model_path or None) if best else None,
+                       last_checkpoint=last.best_model_path or None)
     if cfg.test.enabled:
         which = cfg.test.ckpt
         test_ckpt = result.best_checkpoint if which == "best" and result.best_checkpoint else result.last_checkpoint

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.func import functional_call
@@ -215,7 +214,8 @@ class IFCVAE(CounterfactualModule):
         x, y = batch["x"], self._label(batch["pa"])
         opt_enc, opt_dec, opt_disc, opt_aux = self.optimizers()
 
-        # Forward pass through all networks, then θ <- RMSprop(-∇θ L_dec) and φ <- RMSprop(-∇φ L_IFcVAE-GAN)
+        # Forward pass through all networks (inside the block, so that C and A, which the encoder/decoder
+        # losses read, accumulate no gradient), then θ <- RMSprop(-∇θ L_dec) and φ <- RMSprop(-∇φ L_IFcVAE-GAN)
         # from ONE backward of a surrogate whose θ- and φ-gradients are exactly those (see _vae_losses).
         with only_trainable(self, [self.encoder, self.decoder]):
             out = self._forward(x, y)
@@ -226,13 +226,13 @@ class IFCVAE(CounterfactualModule):
             opt_enc.step()
             opt_dec.step()
 
-        # χ minimises L_gan and ψ minimises L_aux on the same forward pass (detached fakes and codes).
+        # χ minimises L_gan and ψ minimises L_aux on the same forward pass (detached fakes and codes). Neither
+        # χ nor ψ has moved yet, so all four updates use gradients taken at the same point, as in Algorithm 1.
         with only_trainable(self, [self.discriminator]):
             terms["gan_disc"] = self._disc_loss(x, out)
             self._step(opt_disc, terms["gan_disc"])
         with only_trainable(self, [self.auxiliary]):
-            terms["aux_A"] = self._aux_loss(out, y)
-            self._step(opt_aux, terms["aux_A"])
+            self._step(opt_aux, self._aux_loss(out, y))  # the value is terms["aux"]
 
         self._log_terms("train", terms, out, y)
 
@@ -319,22 +319,20 @@ class IFCVAE(CounterfactualModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        """The training losses and the reconstruction MSE of §4.1 (x̂ = D(E_y(x), E_z(x)), posterior mean)."""
+        """The training losses on held-out data. The paper's metrics (MSE, Ĉ, E_y accuracy) are computed over
+        the whole set by ``callbacks.editing_metrics``, so they are not repeated here."""
         x, y = batch["x"], self._label(batch["pa"])
         out = self._forward(x, y)
         _, terms = self._vae_losses(x, y, out)
         terms["gan_disc"] = self._disc_loss(x, out)
-        self._log_terms(
-            stage, terms, out, y, {f"{stage}/mse": F.mse_loss(self.reconstruct(x, batch["pa"]), x)}
-        )
+        self._log_terms(stage, terms, out, y)
 
-    def _log_terms(
-        self, stage: str, terms: dict, out: Forward, y: torch.Tensor, extra: dict | None = None
-    ) -> None:
+    def _log_terms(self, stage: str, terms: dict, out: Forward, y: torch.Tensor) -> None:
         metrics = {f"{stage}/loss/{k}": v.detach() for k, v in terms.items()}
-        metrics[f"{stage}/acc/E_y"] = binary_accuracy_from_logits(out.y_logit.detach(), y)
         metrics[f"{stage}/acc/aux"] = binary_accuracy_from_logits(out.aux_logit.detach(), y)
-        self.log_dict({**metrics, **(extra or {})}, batch_size=y.shape[0])
+        if stage == "train":
+            metrics["train/acc/E_y"] = binary_accuracy_from_logits(out.y_logit.detach(), y)
+        self.log_dict(metrics, batch_size=y.shape[0], sync_dist=stage != "train")
 
     # -- the counterfactual contract --------------------------------------------------------------------
     def abduct(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:

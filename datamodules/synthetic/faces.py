@@ -27,7 +27,8 @@ eyebrows, beard and mustache; ``Male`` shorter hair, a squarer jaw and thicker, 
 ``Wearing_Hat`` a beanie or a brimmed hat hiding the top of the hair.
 
 Rendering: shapes are drawn with antialiased OpenCV primitives in image-fraction coordinates on a canvas
-supersampled x2, downsampled with INTER_AREA (2x2 means: pixel-local), then lit and noised pixel-wise.
+supersampled x2, downsampled with INTER_AREA (2x2 means: pixel-local), then lit and noised pixel-wise
+(zero-mean triangular noise of std ``noise_std`` in [0, 1] units, drawn from the row's ``noise_seed``).
 Every stage is pixel-local given the attribute-independent layers, so flipping ``Smiling`` changes only
 pixels inside ``mouth_box``, and the noise, drawn from ``noise_seed`` alone, is identical in a factual and
 its counterfactual.
@@ -41,7 +42,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ MODELLED_ATTRIBUTES: tuple[str, ...] = (
 _SS = 2  # supersampling factor of the drawing canvas
 _SHIFT = 4  # fractional bits of cv2's fixed-point coordinates
 _AA = cv2.LINE_AA
+_TRIANGULAR_STD = float(np.sqrt((256**2 - 1) / 6))  # std of the sum of two independent uniform bytes
 
 _HAIR_OTHER = np.array([[115, 75, 45], [150, 105, 65], [165, 165, 160], [150, 70, 35]], np.float32)
 _HAIR_OTHER_P = (0.5, 0.2, 0.15, 0.15)  # brown, light brown, gray, auburn
@@ -122,7 +124,8 @@ def _as_correlations(correlations: Mapping[str, float] | FaceCorrelations | None
         return correlations
     unknown = set(correlations) - set(asdict(FaceCorrelations()))
     if unknown:
-        raise ValueError(f"unknown correlation keys {sorted(unknown)}; known: {sorted(asdict(FaceCorrelations()))}")
+        raise ValueError(f"unknown correlation keys {sorted(unknown)}; known: "
+                         f"{sorted(asdict(FaceCorrelations()))}")
     return FaceCorrelations(**{k: float(v) for k, v in dict(correlations).items()})
 
 
@@ -198,23 +201,26 @@ def _col(rgb: Any, scale: float = 1.0) -> tuple[float, float, float]:
 def _fill(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...]) -> None:
     """Fill a polygon given in image-fraction coordinates, with sub-pixel precision."""
     s = img.shape[0] * (1 << _SHIFT)
-    cv2.fillPoly(img, [np.round(pts * s).astype(np.int32)], color, _AA, _SHIFT)
+    cv2.fillPoly(img, [np.rint(pts * s).astype(np.int32)], color, _AA, _SHIFT)
 
 
-def _line(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...], width: float, closed: bool = False) -> None:
+def _line(img: np.ndarray, pts: np.ndarray, color: tuple[float, ...], width: float, closed: bool = False
+          ) -> None:
+    """A polyline ``width`` (a fraction of the image) thick, at least 2 canvas pixels so it survives the
+    downsampling."""
     s = img.shape[0]
-    cv2.polylines(img, [np.round(pts * s * (1 << _SHIFT)).astype(np.int32)], closed, color,
+    cv2.polylines(img, [np.rint(pts * s * (1 << _SHIFT)).astype(np.int32)], closed, color,
                   max(2, round(width * s)), _AA, _SHIFT)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _unit_arc(t0: float, t1: float, n: int) -> np.ndarray:
     # cached because rendering spends most of its time building small point arrays, not drawing
     t = np.linspace(t0, t1, n)
     return np.stack([np.cos(t), np.sin(t)], 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lin(n: int, dtype: type = np.float64) -> np.ndarray:
     return np.linspace(-1.0, 1.0, n, dtype=dtype)
 
@@ -224,31 +230,41 @@ def _arc(cx: float, cy: float, a: float, b: float, t0: float = 0.0, t1: float = 
     return _unit_arc(t0, t1, n) * (a, b) + (cx, cy)
 
 
-def _band(x: np.ndarray, y: np.ndarray, half: np.ndarray) -> np.ndarray:
+def _mouth_geometry(f: Mapping[str, Any]) -> tuple[float, float, float]:
+    """Centre x, centre y and half-width of the mouth."""
+    return f["face_x"], f["face_y"] + 0.56 * f["face_b"] + f["mouth_dy"], f["mouth_w"] * f["face_a"]
+
+
+def _between(x: np.ndarray, y_top: np.ndarray, y_bottom: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.stack([x, y_top], 1), np.stack([x, y_bottom], 1)[::-1]])
+
+
+def _band(x: np.ndarray, y: np.ndarray, half: np.ndarray | float) -> np.ndarray:
     """Polygon of a curve thickened vertically by ``half`` on each side."""
-    return np.concatenate([np.stack([x, y - half], 1), np.stack([x, y + half], 1)[::-1]])
+    return _between(x, y - half, y + half)
+
+
+def _rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
 
 
 def _mouth_parts(f: Mapping[str, Any], smiling: bool, open_: bool) -> list[tuple[np.ndarray, tuple]]:
     """Polygons and colours of the mouth; ``mouth_box`` is their union over all four variants."""
-    a, b = f["face_a"], f["face_b"]
-    mx, my, mw = f["face_x"], f["face_y"] + 0.56 * b + f["mouth_dy"], f["mouth_w"] * a
+    mx, my, mw = _mouth_geometry(f)
     lip = _col(np.asarray(f["skin"]) * np.array([0.82, 0.5, 0.52]) + np.array([30, 0, 5]))
     u = _lin(17)
     x, bow = mx + mw * u, 1 - u**2
     lt = 0.09 * mw + 0.004  # lip half-thickness
-    if not open_:
+    if not open_:  # upturned corners when smiling, a slight downturn otherwise
         y = my - 0.32 * mw + 0.62 * mw * bow if smiling else my - 0.07 * mw * bow
         return [(_band(x, y, lt * (0.45 + 0.55 * bow)), lip)]
     if smiling:
         y_up, y_lo = my - 0.32 * mw + 0.18 * mw * bow, my - 0.32 * mw + 0.8 * mw * bow**0.8
     else:
         y_up, y_lo = my - 0.14 * mw * bow**0.7, my + 0.3 * mw * bow**0.7
-    parts = [(np.concatenate([np.stack([x, y_up], 1), np.stack([x, y_lo], 1)[::-1]]), (70.0, 22.0, 28.0))]
-    if smiling:
-        y_teeth = y_up + 0.42 * (y_lo - y_up)
-        parts.append((np.concatenate([np.stack([x, y_up], 1), np.stack([x, y_teeth], 1)[::-1]]),
-                      (245.0, 242.0, 232.0)))
+    parts = [(_between(x, y_up, y_lo), (70.0, 22.0, 28.0))]
+    if smiling:  # the upper teeth show in an open smile
+        parts.append((_between(x, y_up, y_up + 0.42 * (y_lo - y_up)), (245.0, 242.0, 232.0)))
     parts += [(_band(x, y_up - 0.6 * lt * bow, 0.6 * lt * bow + 0.2 * lt), lip),
               (_band(x, y_lo + 0.8 * lt * bow, 0.8 * lt * bow + 0.2 * lt), lip)]
     return parts
@@ -275,6 +291,15 @@ def _hair_color(f: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(f["hair_other"], float) * (1 + 0.1 * shade)
 
 
+def _hair_volume_length(f: Mapping[str, Any]) -> tuple[float, float]:
+    """Hair volume (x the head size) and length below the face centre (x the face half-height) of the
+    style; male styles are short."""
+    style = int(f["hair_style"])
+    if f["Male"]:
+        return (1.05, 1.09, 1.02, 1.07)[style], (0.0, 0.0, 0.0, 0.35)[style]
+    return (1.14, 1.17, 1.12, 1.1)[style], (1.55, 1.35, 0.55, 0.95)[style]
+
+
 def _face_outline(cx: float, cy: float, a: float, b: float, male: bool) -> np.ndarray:
     c, s = _unit_arc(0.0, 2 * np.pi * 47 / 48, 48).T
     if male:  # superellipse below the cheekbones: a squarer jaw
@@ -285,114 +310,130 @@ def _face_outline(cx: float, cy: float, a: float, b: float, male: bool) -> np.nd
     return np.stack([cx + a * x, cy + b * y], 1)
 
 
-def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -> np.ndarray:
-    """Render one row of factors (a mapping of Python scalars/lists) -> uint8 [H, W, 3] RGB."""
-    size = int(image_size)
-    S = size * _SS
-    cx, cy, a, b = f["face_x"], f["face_y"], f["face_a"], f["face_b"]
-    male, skin = bool(f["Male"]), np.asarray(f["skin"], float)
-    hair = _hair_color(f)
-
-    g = _lin(S, np.float32)
-    t = np.clip(0.5 + 0.5 * np.cos(f["bg_angle"]) * g[None, :] + 0.5 * np.sin(f["bg_angle"]) * g[:, None], 0, 1)
-    img = cv2.merge([cv2.convertScaleAbs(t, alpha=c1 - c0, beta=c0) for c0, c1 in zip(f["bg0"], f["bg1"])])
-
-    # Body, then hair behind the head (its length is the style; males have short styles).
+def _draw_head(img: np.ndarray, f: Mapping[str, Any], hair: np.ndarray) -> None:
+    """Body, hair behind the head, neck, ears, face, beard and nose."""
+    cx, cy, a, b, male = f["face_x"], f["face_y"], f["face_a"], f["face_b"], bool(f["Male"])
+    skin = np.asarray(f["skin"], float)
     _fill(img, _arc(cx, cy + b + 0.3, 0.42, 0.22), _col(f["clothes"]))
-    style = int(f["hair_style"])
-    vol = (1.05, 1.09, 1.02, 1.07)[style] if male else (1.14, 1.17, 1.12, 1.1)[style]
-    length = (0.0, 0.0, 0.0, 0.35)[style] if male else (1.55, 1.35, 0.55, 0.95)[style]
+    vol, length = _hair_volume_length(f)
     if length > 0:
-        top = _arc(cx, cy, a * vol, b * vol, np.pi, 2 * np.pi, 20)
         yy = np.linspace(cy, cy + length * b, 10)
-        wave = 0.015 * np.sin((yy - cy) / b * 9) if style == 1 and not male else 0.0 * yy
-        flare = a * vol + 0.05 * (yy - cy) / b + wave
+        wavy = int(f["hair_style"]) == 1 and not male
+        flare = a * vol + 0.05 * (yy - cy) / b + (0.015 * np.sin((yy - cy) / b * 9) if wavy else 0.0)
         sides = np.concatenate([np.stack([cx + flare, yy], 1), np.stack([cx - flare, yy], 1)[::-1]])
-        _fill(img, np.concatenate([top, sides[:10], sides[10:]]), _col(hair, 0.9))
-    _fill(img, np.array([[cx - 0.5 * a, cy], [cx + 0.5 * a, cy], [cx + 0.55 * a, 1.05], [cx - 0.55 * a, 1.05]]),
-          _col(skin, 0.86))
+        top = _arc(cx, cy, a * vol, b * vol, np.pi, 2 * np.pi, 20)
+        _fill(img, np.concatenate([top, sides]), _col(hair, 0.9))
+    neck = [[cx - 0.5 * a, cy], [cx + 0.5 * a, cy], [cx + 0.55 * a, 1.05], [cx - 0.55 * a, 1.05]]
+    _fill(img, np.array(neck), _col(skin, 0.86))
     for side in (-1, 1):
         _fill(img, _arc(cx + side * a * 0.97, cy + 0.02 * b, 0.14 * a, 0.22 * b, n=16), _col(skin, 0.93))
     _fill(img, _face_outline(cx, cy, a, b, male), _col(skin))
-
     if not f["No_Beard"]:
         jaw = _face_outline(cx, cy, a * 1.01, b * 1.01, male)[2:23]  # right -> chin -> left
         inner = _arc(cx, cy + 0.5 * b, 0.62 * a, 0.3 * b, np.pi, 0, 16)  # left -> under the mouth -> right
         _fill(img, np.concatenate([jaw, inner]), _col(hair, 0.85))
-
-    # Nose: a shaded tip and nostrils.
     ny = cy + 0.3 * b
     _fill(img, _arc(cx, ny, 0.1 * a, 0.055 * b, n=16), _col(skin, 0.85))
-    _line(img, np.array([[cx + 0.02 * a, cy - 0.02 * b], [cx + 0.07 * a, ny - 0.02 * b]]), _col(skin, 0.8),
-          0.006)
+    ridge = np.array([[cx + 0.02 * a, cy - 0.02 * b], [cx + 0.07 * a, ny - 0.02 * b]])
+    _line(img, ridge, _col(skin, 0.8), 0.006)
     for side in (-1, 1):
         _fill(img, _arc(cx + side * 0.06 * a, ny + 0.03 * b, 0.03 * a, 0.018 * b, n=10), _col(skin, 0.55))
 
-    mw, my = f["mouth_w"] * a, cy + 0.56 * b + f["mouth_dy"]
-    if f["Mustache"]:
+
+def _eyes(f: Mapping[str, Any]) -> tuple[float, float, float, float]:
+    """Eye height, half-separation, half-width and half-height."""
+    ew = f["eye_w"] * f["face_a"]
+    ey = f["face_y"] - 0.1 * f["face_b"] + f["eye_dy"]
+    return ey, f["eye_sep"] * f["face_a"], ew, ew * f["eye_aspect"]
+
+
+def _draw_features(img: np.ndarray, f: Mapping[str, Any], hair: np.ndarray) -> None:
+    """Mustache, mouth, eyes and eyebrows."""
+    cx, b, male, skin = f["face_x"], f["face_b"], bool(f["Male"]), np.asarray(f["skin"], float)
+    _, my, mw = _mouth_geometry(f)
+    if f["Mustache"]:  # drawn under the mouth so that the mouth stays fully visible
         u = _lin(15)
-        y = my - 0.34 * mw - 0.09 * mw - 0.05 * b + 0.06 * b * u**2
+        y = my - 0.43 * mw - 0.05 * b + 0.06 * b * u**2
         _fill(img, _band(cx + 1.1 * mw * u, y, (0.028 * b + 0.012) * (1 - 0.5 * u**2)), _col(hair, 0.8))
     for poly, color in _mouth_parts(f, bool(f["Smiling"]), bool(f["Mouth_Slightly_Open"])):
         _fill(img, poly, color)
-
-    ey, es, ew = cy - 0.1 * b + f["eye_dy"], f["eye_sep"] * a, f["eye_w"] * a
-    eh = ew * f["eye_aspect"]
+    ey, es, ew, eh = _eyes(f)
     brow = _col(hair, 0.7 if f["Blond_Hair"] else 0.8)
+    u = _lin(11)
     for side in (-1, 1):
         ex = cx + side * es
         _fill(img, _arc(ex, ey, ew, eh, n=20), (242.0, 240.0, 236.0))
         _fill(img, _arc(ex, ey, eh * 0.95, eh * 0.95, n=14), _col(f["iris"]))
         _fill(img, _arc(ex, ey, eh * 0.45, eh * 0.45, n=10), (15.0, 12.0, 12.0))
         _line(img, _arc(ex, ey, ew, eh, np.pi, 2 * np.pi, 10), _col(skin, 0.45), 0.008)
-        u = _lin(11)
-        bx = ex + side * (0.1 * ew + 1.15 * ew * u)
-        arch = (0.2 if male else 0.45) * ew
-        by = ey - eh - (0.55 if male else 0.75) * ew - arch * (1 - u**2) + side * 0.0 * u
+        # male brows: thicker and flatter; the outer end tapers
+        arch = (0.2 if male else 0.45) * ew * (1 - u**2)
+        by = ey - eh - (0.55 if male else 0.75) * ew - arch
         th = (0.3 * eh + 0.006 if male else 0.12 * eh + 0.004) * (1 - 0.35 * u * side)
-        _fill(img, _band(bx, by, th), brow)
+        _fill(img, _band(ex + side * (0.1 * ew + 1.15 * ew * u), by, th), brow)
 
-    # Top of the hair with the hairline; a fringe when Bangs; then glasses and hat on top of everything.
-    sd = 0.12 if male else 0.25
+
+def _draw_top(img: np.ndarray, f: Mapping[str, Any], hair: np.ndarray) -> None:
+    """Hair over the head with its hairline, bangs, glasses and hat, each over what came before."""
+    cx, cy, a, b, male = f["face_x"], f["face_y"], f["face_a"], f["face_b"], bool(f["Male"])
+    vol, _ = _hair_volume_length(f)
+    sd = 0.12 if male else 0.25  # how far down the sides the hair reaches
+    hl, inner_c, ia = cy - (0.68 if male else 0.62) * b, cy + 0.1 * b, 0.9 * a
     outer = _arc(cx, cy, a * vol, b * vol, np.pi - sd, 2 * np.pi + sd, 28)
-    hl = cy - (0.62 if male else 0.55) * b
-    inner_c, ia = cy + 0.1 * b, 0.9 * a
     _fill(img, np.concatenate([outer, _arc(cx, inner_c, ia, inner_c - hl, 2 * np.pi, np.pi, 20)]), _col(hair))
-    if f["Bangs"]:
-        xs = np.linspace(cx + 0.85 * ia, cx - 0.85 * ia, 15)
+    ey, es, ew, eh = _eyes(f)
+    if f["Bangs"]:  # a zigzag fringe from the hairline down to the brows, with a few strands
+        xs = np.linspace(cx - 0.85 * ia, cx + 0.85 * ia, 15)
         y_top = inner_c - (inner_c - hl) * np.sqrt(np.clip(1 - ((xs - cx) / ia) ** 2, 0, 1)) - 0.01
-        y_fr = ey - eh - 0.85 * ew - 0.05 * b + 0.06 * b * ((xs - cx) / ia) ** 2 + 0.035 * b * (np.arange(15) % 2)
-        _fill(img, np.concatenate([np.stack([xs[::-1], y_top[::-1]], 1), np.stack([xs, np.maximum(y_fr, y_top)], 1)]),
-              _col(hair, 0.95))
+        zigzag = 0.05 * b * (np.arange(15) % 2)
+        y_fr = ey - eh - 0.75 * ew - 0.04 * b + 0.06 * b * ((xs - cx) / ia) ** 2 + zigzag
+        _fill(img, _between(xs, y_top, np.maximum(y_fr, y_top)), _col(hair, 0.95))
+        for j in (3, 6, 8, 11):
+            _line(img, np.array([[xs[j], y_top[j] + 0.01], [xs[j + 1], y_fr[j + 1]]]), _col(hair, 0.75), 0.006)
     if f["Eyeglasses"]:
-        gc = _col(f["glasses_color"])
-        rx, ry = ew * 1.45, ew * 1.1
+        gc, rx, ry = _col(f["glasses_color"]), ew * 1.45, ew * 1.1
         for side in (-1, 1):
             ex = cx + side * es
             _line(img, _arc(ex, ey, rx, ry, n=24), gc, 0.012, closed=True)
-            _line(img, np.array([[ex + side * rx, ey - 0.2 * ry], [cx + side * a * 0.98, ey - 0.3 * ry]]), gc, 0.01)
+            arm = np.array([[ex + side * rx, ey - 0.2 * ry], [cx + side * a * 0.98, ey - 0.3 * ry]])
+            _line(img, arm, gc, 0.01)
         _line(img, np.array([[cx - es + rx, ey - 0.3 * ry], [cx + es - rx, ey - 0.3 * ry]]), gc, 0.01)
     if f["Wearing_Hat"]:
         hc = np.asarray(f["hat_color"], float)
-        if int(f["hat_style"]) == 0:  # beanie
+        if int(f["hat_style"]) == 0:  # beanie with a folded rim
             _fill(img, _arc(cx, cy - 0.48 * b, a * 1.18, b * 0.82, np.pi, 2 * np.pi, 24), _col(hc))
-            _fill(img, _band(np.array([cx - 1.18 * a, cx + 1.18 * a]), np.full(2, cy - 0.5 * b), np.full(2, 0.09 * b)),
-                  _col(hc, 0.8))
-        else:  # brimmed hat
-            _fill(img, np.concatenate([_arc(cx, cy - 1.05 * b, 0.85 * a, 0.32 * b, np.pi, 2 * np.pi, 16),
-                                       [[cx + 0.95 * a, cy - 0.55 * b], [cx - 0.95 * a, cy - 0.55 * b]]]), _col(hc))
-            _fill(img, _band(np.array([cx - 0.93 * a, cx + 0.93 * a]), np.full(2, cy - 0.68 * b), np.full(2, 0.06 * b)),
-                  _col(hc, 0.5))
+            _fill(img, _rect(cx - 1.18 * a, cy - 0.59 * b, cx + 1.18 * a, cy - 0.41 * b), _col(hc, 0.8))
+        else:  # crown, ribbon and brim
+            crown = _arc(cx, cy - 1.05 * b, 0.85 * a, 0.32 * b, np.pi, 2 * np.pi, 16)
+            brim_line = [[cx + 0.95 * a, cy - 0.55 * b], [cx - 0.95 * a, cy - 0.55 * b]]
+            _fill(img, np.concatenate([crown, brim_line]), _col(hc))
+            _fill(img, _rect(cx - 0.93 * a, cy - 0.74 * b, cx + 0.93 * a, cy - 0.62 * b), _col(hc, 0.5))
             _fill(img, _arc(cx, cy - 0.56 * b, 1.55 * a, 0.09 * b, n=28), _col(hc, 0.85))
 
-    small = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
-    # Lighting and noise are pixel-wise and attribute-free, so they preserve the locality of each attribute.
-    gs = _lin(size, np.float32)
-    light = 1 + f["light_strength"] * (np.cos(f["light_angle"]) * gs[None, :] + np.sin(f["light_angle"]) * gs[:, None])
-    out = small * light[..., None]
+
+def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -> np.ndarray:
+    """Render one row of factors (a mapping of Python scalars/lists) -> uint8 [H, W, 3] RGB."""
+    size = int(image_size)
+    g, ang = _lin(size * _SS, np.float32), f["bg_angle"]
+    t = np.clip(0.5 + 0.5 * np.cos(ang) * g[None, :] + 0.5 * np.sin(ang) * g[:, None], 0, 1)
+    img = cv2.merge([cv2.convertScaleAbs(t, alpha=c1 - c0, beta=c0)
+                     for c0, c1 in zip(f["bg0"], f["bg1"], strict=True)])
+    hair = _hair_color(f)
+    _draw_head(img, f, hair)
+    _draw_features(img, f, hair)
+    _draw_top(img, f, hair)
+
+    # Lighting and noise are pixel-wise and attribute-free, so they keep every attribute's change local.
+    out = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    gs, ang = _lin(size, np.float32), f["light_angle"]
+    out *= (1 + f["light_strength"] * (np.cos(ang) * gs[None, :] + np.sin(ang) * gs[:, None]))[..., None]
     if noise_std > 0:
+        # triangular noise (the sum of two uniform bytes) with std noise_std: Gaussian sampling would
+        # dominate the render time
         rng = np.random.default_rng(int(f["noise_seed"]))
-        out += rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(255 * noise_std)
+        u = np.frombuffer(rng.bytes(2 * size * size * 3), np.uint8).reshape(2, size, size, 3)
+        noise = u[0].astype(np.float32) + u[1] - np.float32(255)
+        out += noise * np.float32(255 * noise_std / _TRIANGULAR_STD)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -425,7 +466,8 @@ def load_factors(root: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     """Read ``<root>/factors.npz`` -> (factors, builder parameters); rows align with list_attr_celeba.txt."""
     path = Path(root) / FACTORS_FILE
     if not path.is_file():
-        raise DatasetError(f"{path} not found: build the synthetic faces first (SyntheticFacesBuilder.build).")
+        raise DatasetError(f"{path} not found: build the synthetic faces first "
+                           f"(SyntheticFacesBuilder.build).")
     with np.load(path, allow_pickle=False) as z:
         factors = {k: z[k] for k in z.files if not k.startswith("_")}
         params = json.loads(str(z["_params"]))
@@ -507,17 +549,19 @@ class SyntheticFacesBuilder:
             return root
         ours = (root / MANIFEST_FILE).exists() or (root / FACTORS_FILE).exists()
         if not ours and ((root / IMAGE_DIR).exists() or (root / ATTR_FILE).exists()):
-            raise DatasetError(f"{root} holds a CelebA-like dataset that this builder did not write; refusing to "
-                               f"overwrite it. Point the synthetic faces at an empty folder.")
+            raise DatasetError(f"{root} holds a CelebA-like dataset that this builder did not write; "
+                               f"refusing to overwrite it. Point the synthetic faces at an empty folder.")
         (root / MANIFEST_FILE).unlink(missing_ok=True)
         shutil.rmtree(root / IMAGE_DIR, ignore_errors=True)
         for name in (ATTR_FILE, PARTITION_FILE, FACTORS_FILE):
             (root / name).unlink(missing_ok=True)
         self._factors.pop(root.resolve(), None)
-        (root / IMAGE_DIR).mkdir(parents=True)
 
+        # factors.npz first: from then on a partial build is recognisably ours and gets overwritten
+        root.mkdir(parents=True, exist_ok=True)
         factors = self.sample_factors()
         np.savez(root / FACTORS_FILE, _params=np.array(json.dumps(self.params)), **factors)
+        (root / IMAGE_DIR).mkdir()
         names = self.filenames()
         write_attributes(root / ATTR_FILE, names, celeba_attributes(factors))
         partition = np.repeat([0, 1, 2], [self.n_train, self.n_val, self.n_test])
@@ -585,7 +629,8 @@ class SyntheticFacesBuilder:
         return images
 
 
-def preview_grid(path: str | Path, n: int = 32, image_size: int = 64, seed: int = 0, pairs: int = 8) -> np.ndarray:
+def preview_grid(path: str | Path, n: int = 32, image_size: int = 64, seed: int = 0, pairs: int = 8
+                 ) -> np.ndarray:
     """Save a PNG of ``n`` sampled faces followed by ``pairs`` factual | do(Smiling = flipped) pairs."""
     factors = sample_factors(n + pairs, seed)
     faces = list(render_faces({k: v[:n] for k, v in factors.items()}, image_size, 0.02))
@@ -598,3 +643,29 @@ def preview_grid(path: str | Path, n: int = 32, image_size: int = 64, seed: int 
     grid = np.concatenate([np.concatenate(faces[r:r + cols], 1) for r in range(0, len(faces), cols)], 0)
     Image.fromarray(grid).save(path)
     return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m datamodules.synthetic.faces [--root DIR] [--n-train N] ...`` (``make data-faces``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the synthetic faces in CelebA's layout (cached).")
+    parser.add_argument("--root", default=None, help="default: data/synthetic_faces_<size>px, as data=synthetic_faces")
+    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-val", type=int, default=2000)
+    parser.add_argument("--n-test", type=int, default=2000)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preview", default=None, help="also save a PNG grid of faces and Smiling flips here")
+    args = parser.parse_args(argv)
+    root = args.root or f"data/synthetic_faces_{args.image_size}px"
+    builder = SyntheticFacesBuilder(args.n_train, args.n_val, args.n_test, args.image_size, args.seed)
+    print(f"synthetic faces in {builder.build(root)}")
+    if args.preview:
+        preview_grid(args.preview, image_size=args.image_size, seed=args.seed)
+        print(f"preview: {args.preview}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
