@@ -161,8 +161,8 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
         print(f"Interrupted. Resume with: python -m experiments {cfg.name} resume={run_dir}", file=sys.stderr)
         return RunResult(run_dir)
 
-    saved = {Path(c.dirpath or "") / c.filename: c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)}
-    best, last = saved.get(run_dir / "checkpoints" / "best"), saved[run_dir / "checkpoints" / "last"]
+    saved = {c.filename: c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)}
+    best, last = saved.get("best"), saved["last"]
     result = RunResult(run_dir, best_checkpoint=(best.best_model_path or None) if best else None,
                        last_checkpoint=last.best_model_path or None)
     if cfg.test.enabled:
