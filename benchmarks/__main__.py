@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from configs.loader import compose, instantiate
-from datamodules.synthetic.faces import SyntheticFacesBuilder, sample_factors, render_faces
+from datamodules.synthetic.faces import SyntheticFacesBuilder, render_faces, sample_factors
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

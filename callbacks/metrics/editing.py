@@ -110,7 +110,10 @@ def edit_success_rate(
 
 # -- torchmetrics wrappers --------------------------------------------------------------------------------
 class ReconstructionMSE(Metric):
-    """The paper's MSE over a whole set: sum of squared errors / number of elements (NaN if empty)."""
+    """The paper's MSE over a whole set: sum of squared errors / number of elements (NaN if empty).
+
+    The absolute errors are accumulated too, so that :class:`TrueCounterfactualError` only adds an L1 output.
+    """
 
     is_differentiable = False
     higher_is_better = False
@@ -119,11 +122,13 @@ class ReconstructionMSE(Metric):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("sum_squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_absolute_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        squared, _, count = error_sums(preds, target)
+        squared, absolute, count = error_sums(preds, target)
         self.sum_squared_error += squared
+        self.sum_absolute_error += absolute
         self.total += count
 
     def compute(self) -> Tensor:
@@ -162,27 +167,11 @@ class EditSuccessRate(Metric):
         return _ratio(self.hits, self.total)
 
 
-class TrueCounterfactualError(Metric):
+class TrueCounterfactualError(ReconstructionMSE):
     """Pixel MSE and L1 between the model's counterfactuals and the ground-truth ones, over a whole set.
 
     ``compute()`` returns ``{"mse": ..., "l1": ...}`` (NaN if empty).
     """
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("sum_squared_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sum_absolute_error", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        squared, absolute, count = error_sums(preds, target)
-        self.sum_squared_error += squared
-        self.sum_absolute_error += absolute
-        self.total += count
 
     def compute(self) -> dict[str, Tensor]:
         return {
