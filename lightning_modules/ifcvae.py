@@ -248,9 +248,19 @@ class IFCVAE(CounterfactualModule):
             y_logit=y_logit,
             z_hat=z_hat,
             x_hat_logits=self._decode(torch.sigmoid(y_logit), z_hat),
-            x_p_logits=self._decode(y, z),
+            x_p_logits=self._decode_prior(y, z),
             aux_logit=self.auxiliary(z_hat).squeeze(1),
         )
+
+    def _decode_prior(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """D(y, z) for z ~ N(0, I), without updating normalisation running statistics.
+
+        Evaluation decodes posterior codes (edits, reconstructions) with the running statistics; letting the
+        prior samples update them too makes them describe a mixture that evaluation never sees, and early in
+        training (posterior far from the prior) that alone ruins eval-mode reconstructions.
+        """
+        state = {**dict(self.decoder.named_parameters()), **_buffer_copies(self.decoder)}
+        return functional_call(self.decoder, state, (torch.cat([y.to(z.dtype)[:, None], z], dim=1),))
 
     def _vae_losses(self, x: torch.Tensor, y: torch.Tensor, out: Forward) -> tuple[torch.Tensor, dict]:
         """The surrogate S whose gradient is ∇θ L_dec for θ and ∇φ L_IFcVAE-GAN for φ, and the named terms.

@@ -347,3 +347,19 @@ def test_reconstruction_loss_decreases_when_overfitting_a_batch(tmp_path):
     for key in ("rec", "kl", "class", "aux", "gan_gen", "gan_disc", "dec", "enc"):
         assert f"train/loss/{key}" in t.callback_metrics
     assert "train/acc/E_y" in t.callback_metrics and "train/acc/aux" in t.callback_metrics
+
+
+def test_prior_samples_do_not_update_decoder_running_statistics():
+    """Evaluation decodes posterior codes with BatchNorm's running statistics: prior samples must not move them,
+    and decoding the reconstruction must (the decoder's default norm is batch norm, as in the official code)."""
+    torch.manual_seed(0)
+    model = make_model()
+    model.train()
+    bn = [m for m in model.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn, "the decoder should carry BatchNorm layers for this test to mean anything"
+    before = [b.running_mean.clone() for b in bn]
+    y = torch.ones(4)
+    model._decode_prior(y, torch.randn(4, LATENT))
+    assert all(torch.equal(a, b.running_mean) for a, b in zip(before, bn, strict=True))
+    model._decode(y, torch.randn(4, LATENT))
+    assert not all(torch.equal(a, b.running_mean) for a, b in zip(before, bn, strict=True))
