@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from configs.loader import ConfigError, available, compose
+from experiments.evaluate import main as evaluate_main
 from experiments.runner import main, resolve_resume, run
 from tests.helpers.celeba_layout import write_tiny_celeba
 from tests.helpers.runs import tiny_overrides
@@ -67,6 +68,20 @@ def test_editing_run_reports_ground_truth_and_grids(workspace, oracle_run):
     assert 0 < metrics["test/true_cf/mse"] < 1
     assert (result.run_dir / "images" / "test_cf_grid.png").is_file()
     assert (result.run_dir / "images" / "val_cf_grid_epoch000.png").is_file()
+
+
+def test_make_eval_evaluates_a_checkpoint_into_its_own_run(workspace, oracle_run):
+    name = "ifcvae_smiling_synth"
+    args = tiny_overrides(name, workspace, oracle=oracle_run.best_checkpoint)
+    trained = run(compose(name, [*args, "trainer.max_epochs=1", "run_id=to-evaluate", "test.enabled=false"]))
+    ckpt = trained.run_dir / "checkpoints" / "last.ckpt"
+    assert evaluate_main([name, str(ckpt), *args, "run_id=eval-check"]) == 0
+    eval_dir = workspace / "runs" / name / "eval-check"
+    payload = json.loads((eval_dir / "metrics.json").read_text())
+    assert payload["checkpoint"] == str(ckpt.resolve()) and payload["n_test_samples"] == 16
+    assert payload["metrics"]["test/n_images"] == 16 and "test/edit/Smiling/C_neg_paper" in payload["metrics"]
+    assert (eval_dir / "images" / "test_cf_grid.png").is_file()
+    assert evaluate_main([name, str(workspace / "nope.ckpt"), *args]) == 2
 
 
 def _state(ckpt: Path) -> dict:
