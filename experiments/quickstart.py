@@ -22,8 +22,8 @@ from configs.loader import ConfigError, compose
 from datamodules.base import DatasetError
 from experiments.runner import markdown_table, run
 
-CLASSIFIER_BUDGET = ["trainer.max_epochs=1"]
-IFCVAE_BUDGET = ["trainer.max_epochs=3", "model._width=32"]
+CLASSIFIER_BUDGET = ["trainer.max_epochs=1", "trainer.limit_train_batches=150"]
+IFCVAE_BUDGET = ["trainer.max_epochs=4"]
 
 
 def main(argv: list[str] | None = None) -> int:
