@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Write the synthetic faces in CelebA's layout (cached).")
-    parser.add_argument("--root", default=None, help="default: data/synthetic_faces_<size>px, as data=synthetic_faces")
+    parser.add_argument("--root", default=None, help="default: data/synthetic_faces_<size>px_<n-train>_seed<seed>, as data=synthetic_faces")
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--n-val", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=2000)
@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preview", default=None, help="also save a PNG grid of faces and Smiling flips here")
     args = parser.parse_args(argv)
-    root = args.root or f"data/synthetic_faces_{args.image_size}px"
+    root = args.root or f"data/synthetic_faces_{args.image_size}px_{args.n_train}_seed{args.seed}"
     builder = SyntheticFacesBuilder(args.n_train, args.n_val, args.n_test, args.image_size, args.seed)
     print(f"synthetic faces in {builder.build(root)}")
     if args.preview:
