@@ -169,7 +169,7 @@ def sample_factors(n: int, seed: int = 0, correlations: Mapping[str, float] | Fa
         "hair_other": jitter(_HAIR_OTHER, _HAIR_OTHER_P, 10), "hair_shade": 2 * u() - 1,
         "eye_sep": 0.4 + 0.06 * u(), "eye_dy": 0.012 * (2 * u() - 1), "eye_w": 0.16 + 0.04 * u(),
         "eye_aspect": 0.45 + 0.15 * u(), "iris": jitter(_IRIS, None, 8),
-        "mouth_w": 0.34 + 0.1 * u(), "mouth_dy": 0.01 * (2 * u() - 1),
+        "mouth_w": 0.44 + 0.1 * u(), "mouth_dy": 0.01 * (2 * u() - 1),
         "bg0": bg[0], "bg1": bg[1],
         "bg_angle": 2 * np.pi * u(), "light_angle": 2 * np.pi * u(), "light_strength": 0.25 * u(),
         "clothes": 20 + 210 * rng.random((n, 3)), "hat_color": 20 + 210 * rng.random((n, 3)),
@@ -254,7 +254,7 @@ def _mouth_parts(f: Mapping[str, Any], smiling: bool, open_: bool) -> list[tuple
     lip = _col(np.asarray(f["skin"]) * np.array([0.82, 0.5, 0.52]) + np.array([30, 0, 5]))
     u = _lin(17)
     x, bow = mx + mw * u, 1 - u**2
-    lt = 0.09 * mw + 0.004  # lip half-thickness
+    lt = 0.13 * mw + 0.006  # lip half-thickness
     if not open_:  # upturned corners when smiling, a slight downturn otherwise
         y = my - 0.32 * mw + 0.62 * mw * bow if smiling else my - 0.07 * mw * bow
         return [(_band(x, y, lt * (0.45 + 0.55 * bow)), lip)]
