@@ -35,6 +35,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from callbacks.rng_state import RNGState
 from configs.loader import ConfigError, compose, instantiate, override_saved
 from datamodules.base import DatasetError
+from experiments.loggers import finish_loggers
 
 CONFIG_FILE = "config.yaml"
 
@@ -156,6 +157,17 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
 
     datamodule, model, trainer = build(cfg, run_dir)
     _point_latest(run_dir)
+    status = "failed"
+    try:
+        result = _fit_and_test(cfg, run_dir, datamodule, model, trainer, ckpt_path, started)
+        status = "success"
+    finally:
+        finish_loggers(trainer.loggers, status)
+    return result
+
+
+def _fit_and_test(cfg: DictConfig, run_dir: Path, datamodule, model, trainer: pl.Trainer, ckpt_path: str | None,
+                  started: float) -> RunResult:
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.interrupted:
         print(f"Interrupted. Resume with: python -m experiments {cfg.name} resume={run_dir}", file=sys.stderr)
@@ -178,8 +190,6 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
             "global_step": trainer.global_step,
             "wall_time_s": round(time.time() - started, 1),
         })
-    for logger in trainer.loggers:
-        logger.finalize("success")
     return result
 
 

@@ -131,7 +131,15 @@ def test_wandb_goes_offline_without_credentials(workspace, oracle_run, monkeypat
     assert list(offline[0].glob("run-*.wandb"))
     images = [str(p) for p in (offline[0] / "files" / "media" / "images").rglob("*.png")]
     assert any("val/cf_grid" in p for p in images) and any("test/cf_grid" in p for p in images)
-    assert "W&B: no credentials found" in capsys.readouterr().err + capsys.readouterr().out
+    said = capsys.readouterr()
+    assert (said.err + said.out).count("W&B: no credentials found") == 1
+    # A second run in the same process (the quick start, an offline sweep) gets its own W&B run.
+    second = run(compose(name, [*args, "logger=wandb", "trainer.max_epochs=1", "run_id=wandb-offline-2"]))
+    offline2 = list((second.run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline2) == 1 and list(offline2[0].glob("run-*.wandb"))
+    assert any("test/cf_grid" in str(p) for p in (offline2[0] / "files" / "media" / "images").rglob("*.png"))
+    said = capsys.readouterr()
+    assert "W&B: no credentials found" not in said.err + said.out and "already in progress" not in said.err
     home = workspace / "home"
     assert not home.exists() or not any(home.rglob("*")), "nothing written outside the run directory"
 
