@@ -20,7 +20,7 @@ import time
 
 from configs.loader import ConfigError, compose
 from datamodules.base import DatasetError
-from experiments.runner import markdown_table, run
+from experiments.runner import EXIT_INTERRUPTED, markdown_table, run
 
 CLASSIFIER_BUDGET = ["trainer.max_epochs=1", "trainer.limit_train_batches=150"]
 IFCVAE_BUDGET = ["trainer.max_epochs=4"]
@@ -31,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         oracle = run(compose("classifier_smiling_synth", [*CLASSIFIER_BUDGET, *extra]))
+        if oracle.interrupted:
+            return EXIT_INTERRUPTED
         if not oracle.best_checkpoint:
             raise ConfigError("the classifier run produced no checkpoint")
         model = run(compose("ifcvae_smiling_synth", [
             *IFCVAE_BUDGET, f"callbacks.editing_metrics.oracle={oracle.best_checkpoint}", *extra,
         ]))
+        if model.interrupted:
+            return EXIT_INTERRUPTED
     except (ConfigError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

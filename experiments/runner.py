@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,12 +41,16 @@ from experiments.loggers import finish_loggers
 CONFIG_FILE = "config.yaml"
 
 
+EXIT_INTERRUPTED = 130
+
+
 @dataclass
 class RunResult:
     run_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
     best_checkpoint: str | None = None
     last_checkpoint: str | None = None
+    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM before finishing; resumable from last.ckpt
 
 
 def _run_dir(cfg: DictConfig) -> Path:
@@ -168,10 +173,17 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, datamodule, model, trainer: pl.Trainer, ckpt_path: str | None,
                   started: float) -> RunResult:
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:
+        # Lightning shuts down gracefully on Ctrl-C and SIGTERM, then raises SystemExit(1); report it as an
+        # interruption (exit code 130 and how to resume) rather than as an unexplained failure.
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left Ctrl-C ignored
     if trainer.interrupted:
         print(f"Interrupted. Resume with: python -m experiments {cfg.name} resume={run_dir}", file=sys.stderr)
-        return RunResult(run_dir)
+        return RunResult(run_dir, interrupted=True)
 
     saved = {c.filename: c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)}
     best, last = saved.get("best"), saved["last"]
@@ -230,13 +242,14 @@ def main(argv: list[str] | None = None) -> int:
             runs_dir = compose(name, []).paths.runs_dir
             resume_dir = resolve_resume(resume, name, runs_dir)
             cfg = override_saved(OmegaConf.load(resume_dir / CONFIG_FILE), overrides)
-            run(cfg, resume_dir)
+            result = run(cfg, resume_dir)
         else:
-            run(compose(name, overrides))
+            result = run(compose(name, overrides))
     except (ConfigError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    # 130, the shell's code for Ctrl-C: callers (sweeps, schedulers) must not take an interrupted run as finished.
+    return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 if __name__ == "__main__":

@@ -30,8 +30,13 @@ import yaml
 
 from configs.loader import ConfigError, compose
 from experiments.loggers import wandb_mode
+from experiments.runner import EXIT_INTERRUPTED
 
 RunFn = Callable[[list[str]], int]
+
+
+class SweepInterrupted(Exception):
+    """A run stopped on Ctrl-C: the sweep stops too, leaving that run resumable and out of the ledger."""
 
 
 def load_spec(path: str | Path) -> dict[str, Any]:
@@ -138,6 +143,9 @@ def run_offline(spec_path: str | Path, extra: Sequence[str] = (), run_fn: RunFn 
             argv = [experiment, *args, f"run_id={run_id}"]
         print(f"[sweep {name}] {i + 1}/{len(assignments)}: {' '.join(argv)}")
         code = run_fn(argv)
+        if code == EXIT_INTERRUPTED:
+            print(f"[sweep {name}] interrupted during run {i + 1}; run the same command again to resume it.")
+            raise SweepInterrupted
         entry = {"key": key, "params": assignment, "extra": list(extra), "run_dir": str(run_dir),
                  "status": "done" if code == 0 else "failed", "exit_code": code}
         metrics_file = run_dir / "metrics.json"
@@ -173,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (SweepInterrupted, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
     failed = [e for e in entries if e["status"] != "done"]
     print(f"[sweep] {len(entries) - len(failed)}/{len(entries)} runs done" + (f", {len(failed)} failed" if failed else ""))
     return 1 if failed else 0

@@ -106,6 +106,20 @@ def test_resume_continues_identically(workspace, oracle_run):
                 assert torch.equal(v, opt_b["state"][pid][k]) if torch.is_tensor(v) else v == opt_b["state"][pid][k]
 
 
+def test_ctrl_c_mid_epoch_exits_130_and_resumes_from_last_checkpoint(workspace, oracle_run, capsys):
+    name = "ifcvae_smiling_synth"
+    args = [*tiny_overrides(name, workspace, oracle=oracle_run.best_checkpoint), "test.enabled=false",
+            "trainer.max_epochs=2", "run_id=ctrl-c"]
+    # 48 training faces in batches of 8: 6 batches per epoch; Ctrl-C before the 3rd batch of epoch 2.
+    stop = ["+callbacks.stop._target_=tests.helpers.interrupt.InterruptAt", "+callbacks.stop.batch=8"]
+    assert main([name, *args, *stop]) == 130
+    run_dir = workspace / "runs" / name / "ctrl-c"
+    assert f"resume={run_dir}" in capsys.readouterr().err
+    assert _state(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0  # the end of epoch 1 is on disk
+    assert main([name, f"resume={run_dir}"]) == 0
+    assert _state(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
+
+
 def test_resume_latest_and_missing_checkpoint_errors(workspace, oracle_run, tmp_path):
     name = "classifier_smiling_synth"
     (tmp_path / "runs" / name).mkdir(parents=True)

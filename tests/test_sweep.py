@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from configs.loader import ConfigError
-from experiments.sweep import expand, load_spec, run_offline
+from experiments.sweep import SweepInterrupted, expand, load_spec, run_offline
 
 SPEC = Path(__file__).resolve().parents[1] / "configs" / "sweep" / "ifcvae_grid.yaml"
 
@@ -79,6 +79,23 @@ def test_interrupted_sweep_skips_finished_runs(tmp_path):
     third = FakeRunner(tmp_path / "runs")
     run_offline(spec, extra, run_fn=third)
     assert third.calls == []
+
+
+def test_run_stopped_by_ctrl_c_stops_the_sweep_and_stays_out_of_the_ledger(tmp_path, capsys):
+    spec = _spec(tmp_path, {"model.alpha": {"values": [0.1, 0.2, 0.3]}})
+    extra = [f"paths.runs_dir={tmp_path}/runs"]
+    calls = []
+
+    def runner(argv):  # the second run exits as `python -m experiments` does after Ctrl-C
+        calls.append(argv)
+        return 0 if len(calls) == 1 else 130
+
+    with pytest.raises(SweepInterrupted):
+        run_offline(spec, extra, run_fn=runner)
+    assert len(calls) == 2  # the third run never started
+    ledger = (tmp_path / "runs" / "sweeps" / "tiny" / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(line)["params"] for line in ledger] == [{"model.alpha": 0.1}]
+    assert "run the same command again" in capsys.readouterr().out
 
 
 def test_half_finished_run_is_resumed_from_its_checkpoint(tmp_path):
