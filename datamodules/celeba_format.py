@@ -36,8 +36,8 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 HOW_TO_GET_CELEBA = (
     "Download 'Align&Cropped Images' (img_align_celeba.zip), list_attr_celeba.txt and "
     "list_eval_partition.txt from the CelebA website (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html) "
-    "and unzip them into one folder, then pass it as data.root=<folder>. To run without CelebA, use the "
-    "embedded synthetic faces instead: an experiment ending in _synth (e.g. `make train "
+    "and unzip them into one folder, then set CELEBA_ROOT=<folder> or pass data.root=<folder>. To run without "
+    "CelebA, use the embedded synthetic faces instead: an experiment ending in _synth (e.g. `make train "
     "EXP=ifcvae_smiling_synth`) or data=synthetic_faces."
 )
 
