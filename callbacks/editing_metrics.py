@@ -22,6 +22,10 @@ key                                 meaning
 ``{stage}/acc/E_y/{attr}``          accuracy of the model's own classifier on real images (paper: Acc.
                                     (E_y,φ)); only for models that implement ``predict_attributes``
 ``{stage}/acc/oracle/{attr}``       accuracy of the oracle on real images (shows it can be trusted)
+``{stage}/acc/oracle_on_recon/{attr}`` accuracy of the oracle on the reconstructions x̂: the ceiling of Ĉ. Near
+                                    0.5 the reconstructions lose the attribute, and no edit can be judged
+``{stage}/acc/oracle_on_true_cf/{attr}`` accuracy of the oracle on the true counterfactuals (label 1 - y):
+                                    whether it can judge the edits it is asked to judge (synthetic data)
 ``{stage}/true_cf/mse``             pixel MSE between the model's ``do(attr=1-y)`` and the true one
 ``{stage}/true_cf/l1``              pixel L1 (mean absolute error) of the same pair
 ``{stage}/n_images``                number of images evaluated
@@ -202,6 +206,8 @@ class AttributeEditingMetrics(pl.Callback):
             "n_paper": SumMetric(),
             "acc_E_y": BinaryAccuracy(threshold=t),
             "acc_oracle": BinaryAccuracy(threshold=t),
+            "acc_oracle_recon": BinaryAccuracy(threshold=t),
+            "acc_oracle_true_cf": BinaryAccuracy(threshold=t),
             "true_cf": TrueCounterfactualError(),
         })
 
@@ -303,7 +309,8 @@ class AttributeEditingMetrics(pl.Callback):
                 m["acc_oracle"].update(self._oracle_probs(x), positive.long())
             if not enabled["reconstruction"]:
                 return
-            m["mse"].update(pl_module.reconstruct(x, pa), x)
+            x_hat = pl_module.reconstruct(x, pa)
+            m["mse"].update(x_hat, x)
             edit_0 = pl_module.counterfactual(x, pa, {attr: torch.zeros_like(y)})
             edit_1 = pl_module.counterfactual(x, pa, {attr: torch.ones_like(y)})
             if enabled["edits"]:
@@ -313,11 +320,16 @@ class AttributeEditingMetrics(pl.Callback):
                 m["C_pos_paper"].update(probs_1, mask=positive)
                 m["C_neg_paper"].update(probs_0, mask=positive)
                 m["n_paper"].update(positive.sum().to(torch.float32))
+                m["acc_oracle_recon"].update(self._oracle_probs(x_hat), positive.long())
         if enabled["true_cf"]:
             # do(attr = 1 - y) is do(attr=0) for positive inputs and do(attr=1) for negative ones: reuse the edits.
             flipped = torch.where(positive.view(-1, *([1] * (x.ndim - 1))), edit_0, edit_1)
             truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {attr: (1.0 - y).cpu()})
-            m["true_cf"].update(flipped, truth.to(device=flipped.device, dtype=flipped.dtype))
+            truth = truth.to(device=flipped.device, dtype=flipped.dtype)
+            m["true_cf"].update(flipped, truth)
+            if enabled["edits"]:
+                with torch.no_grad():
+                    m["acc_oracle_true_cf"].update(self._oracle_probs(truth), (~positive).long())
 
     def _oracle_probs(self, x: Tensor) -> Tensor:
         return self._oracle.predict_attributes(x)[self.attribute]
@@ -336,6 +348,10 @@ class AttributeEditingMetrics(pl.Callback):
             computed[f"{stage}/acc/E_y/{attr}"] = m["acc_E_y"].compute()
         if enabled["acc_oracle"]:
             computed[f"{stage}/acc/oracle/{attr}"] = m["acc_oracle"].compute()
+        if enabled["edits"]:
+            computed[f"{stage}/acc/oracle_on_recon/{attr}"] = m["acc_oracle_recon"].compute()
+            if enabled["true_cf"]:
+                computed[f"{stage}/acc/oracle_on_true_cf/{attr}"] = m["acc_oracle_true_cf"].compute()
         if enabled["true_cf"]:
             for name, value in m["true_cf"].compute().items():
                 computed[f"{stage}/true_cf/{name}"] = value
