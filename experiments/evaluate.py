@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 
 from configs.loader import ConfigError, compose
 from datamodules.base import DatasetError
+from experiments.loggers import finish_loggers
 from experiments.runner import _run_dir, build, report_test
 
 
@@ -27,10 +28,13 @@ def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | No
     run_dir = _run_dir(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model, trainer = build(cfg, run_dir)
-    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
-    metrics = report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})
-    for logger in trainer.loggers:
-        logger.finalize("success")
+    status = "failed"
+    try:
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        metrics = report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})
+        status = "success"
+    finally:
+        finish_loggers(trainer.loggers, status)
     return metrics
 
 
