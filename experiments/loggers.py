@@ -98,8 +98,16 @@ def finish_loggers(loggers: list[Any], status: str = "success") -> None:
 
 
 def csv_logger(save_dir: str, name: str, run_id: str, tags: list[str], config: dict[str, Any]) -> CSVLogger:
+    """``<run dir>/csv/metrics.csv``. A resumed run appends to it: Lightning's writer deletes an existing file on
+    creation, so its rows are put back and their columns kept (rows logged after the last checkpoint of the
+    interrupted run stay, and the resumed run logs those steps again)."""
     logger = CSVLogger(save_dir=save_dir, name="csv", version="")
-    logger.log_hyperparams(config)
+    metrics_file = Path(logger.log_dir) / "metrics.csv"
+    kept = metrics_file.read_text() if rank_zero_only.rank == 0 and metrics_file.is_file() else ""
+    logger.log_hyperparams(config)  # creates the writer
+    if kept.strip():
+        metrics_file.write_text(kept)
+        logger.experiment.metrics_keys = kept.splitlines()[0].split(",")
     return logger
 
 

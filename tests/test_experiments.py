@@ -3,6 +3,7 @@ resuming continues identically; W&B falls back to offline; a missing CelebA fail
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -118,6 +119,17 @@ def test_ctrl_c_mid_epoch_exits_130_and_resumes_from_last_checkpoint(workspace, 
     assert _state(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0  # the end of epoch 1 is on disk
     assert main([name, f"resume={run_dir}"]) == 0
     assert _state(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
+
+
+def test_resumed_run_appends_to_its_csv_log(workspace, oracle_run):
+    name = "ifcvae_smiling_synth"
+    args = [a for a in tiny_overrides(name, workspace, oracle=oracle_run.best_checkpoint) if a != "logger=none"]
+    first = run(compose(name, [*args, "logger=csv", "test.enabled=false", "trainer.max_epochs=1", "run_id=csv-resume"]))
+    assert main([name, f"resume={first.run_dir}", "trainer.max_epochs=2", "test.enabled=true"]) == 0
+    with open(first.run_dir / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["epoch"] for r in rows if r.get("val/mse")} == {"0", "1"}  # the first run's rows are still there
+    assert any(r.get("test/mse") for r in rows)  # and columns new in the resumed run were added
 
 
 def test_resume_latest_and_missing_checkpoint_errors(workspace, oracle_run, tmp_path):
