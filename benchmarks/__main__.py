@@ -1,8 +1,7 @@
 """``make bench``: speed of the pieces a run spends its time in, written to docs/benchmarks.md.
 
 Measures, on this machine: synthetic-face rendering, reading a cached DataModule epoch, one IFcVAE-GAN training
-step (all four players) at several widths, one classifier step, and the editing-metrics callback's work per
-evaluation batch. Timings are medians over repeats after warm-up. ``python -m benchmarks --quick`` runs fewer
+step (all four players) at several widths and one classifier step. Timings are medians over repeats after warm-up. ``python -m benchmarks --quick`` runs fewer
 repeats; ``--no-write`` only prints.
 """
 
