@@ -1,8 +1,8 @@
 """``make bench``: speed of the pieces a run spends its time in, written to docs/benchmarks.md.
 
 Measures, on this machine: synthetic-face rendering, reading a cached DataModule epoch, one IFcVAE-GAN training
-step (all four players) at several widths and one classifier step. Timings are medians over repeats after warm-up. ``python -m benchmarks --quick`` runs fewer
-repeats; ``--no-write`` only prints.
+step (all four players) at several widths and one classifier step. Timings are medians over repeats after
+warm-up. ``python -m benchmarks --quick`` runs fewer repeats; ``--no-write`` only prints.
 """
 
 from __future__ import annotations
