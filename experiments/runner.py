@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -157,6 +158,9 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
     else:
         run_dir = resume_dir
         ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
+        # Lightning warns that the checkpoint and CSV folders are not empty: on a resume they are meant to be
+        # (and the CSV history is kept, experiments.loggers.csv_logger).
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
 
