@@ -20,6 +20,7 @@ from datamodules.celeba_format import (
 )
 from datamodules.synthetic.faces import (
     FACTORS_FILE,
+    FORMAT_VERSION,
     MANIFEST_FILE,
     MODELLED_ATTRIBUTES,
     SyntheticFacesBuilder,
@@ -178,6 +179,12 @@ def test_build_is_cached_and_regenerated_on_change(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_FILE).unlink()  # an interrupted build has no manifest
     changed.build(tmp_path)
     assert changed.render_count == 12 and (tmp_path / FACTORS_FILE).is_file()
+
+    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION - 1}))
+    changed.build(tmp_path)  # built by an older renderer: drawn again
+    assert changed.render_count == 18
+    assert json.loads((tmp_path / MANIFEST_FILE).read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_refuses_to_overwrite_a_foreign_dataset(tmp_path: Path) -> None:
