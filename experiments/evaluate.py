@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 
 from configs.loader import ConfigError, compose
 from datamodules.base import DatasetError
-from experiments.loggers import finish_loggers
+from experiments.loggers import finishing
 from experiments.runner import _run_dir, build, report_test
 
 
@@ -28,14 +28,9 @@ def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | No
     run_dir = _run_dir(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, model, trainer = build(cfg, run_dir)
-    status = "failed"
-    try:
+    with finishing(trainer.loggers):
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
-        metrics = report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})
-        status = "success"
-    finally:
-        finish_loggers(trainer.loggers, status)
-    return metrics
+        return report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})
 
 
 def main(argv: list[str] | None = None) -> int:

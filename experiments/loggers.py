@@ -9,6 +9,8 @@ from __future__ import annotations
 import netrc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +90,20 @@ def wandb_logger(
     return logger
 
 
-def finish_loggers(loggers: list[Any], status: str = "success") -> None:
-    """Close a run's loggers. Lightning leaves a W&B run open after ``fit``/``test``; the next run in the same
-    process (the quick start, an offline sweep) would then log into it, so each run finishes its own."""
-    for logger in loggers:
-        logger.finalize(status)
-        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
-            logger.experiment.finish(exit_code=0 if status == "success" else 1)
+@contextmanager
+def finishing(loggers: list[Any]) -> Iterator[None]:
+    """Close a run's loggers when the block ends, as "failed" if it raised. Lightning leaves a W&B run open after
+    ``fit``/``test``; the next run in the same process (the quick start, an offline sweep) would then log into
+    it, so each run finishes its own."""
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    finally:
+        for logger in loggers:
+            logger.finalize(status)
+            if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+                logger.experiment.finish(exit_code=0 if status == "success" else 1)
 
 
 def csv_logger(save_dir: str, name: str, run_id: str, tags: list[str], config: dict[str, Any]) -> CSVLogger:

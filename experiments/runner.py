@@ -37,7 +37,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from callbacks.rng_state import RNGState
 from configs.loader import ConfigError, compose, instantiate, override_saved
 from datamodules.base import DatasetError
-from experiments.loggers import finish_loggers
+from experiments.loggers import finishing
 
 CONFIG_FILE = "config.yaml"
 
@@ -158,21 +158,18 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
     else:
         run_dir = resume_dir
         ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
-        # Lightning warns that the checkpoint and CSV folders are not empty: on a resume they are meant to be
-        # (and the CSV history is kept, experiments.loggers.csv_logger).
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()
 
-    datamodule, model, trainer = build(cfg, run_dir)
-    _point_latest(run_dir)
-    status = "failed"
-    try:
-        result = _fit_and_test(cfg, run_dir, datamodule, model, trainer, ckpt_path, started)
-        status = "success"
-    finally:
-        finish_loggers(trainer.loggers, status)
-    return result
+    with warnings.catch_warnings():
+        if resume_dir is not None:
+            # Lightning warns that the checkpoint and CSV folders are not empty: on a resume they are meant to
+            # be (and the CSV history is kept, experiments.loggers.csv_logger).
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        datamodule, model, trainer = build(cfg, run_dir)
+        _point_latest(run_dir)
+        with finishing(trainer.loggers):
+            return _fit_and_test(cfg, run_dir, datamodule, model, trainer, ckpt_path, started)
 
 
 def _fit_and_test(cfg: DictConfig, run_dir: Path, datamodule, model, trainer: pl.Trainer, ckpt_path: str | None,
