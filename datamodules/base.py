@@ -1,25 +1,38 @@
-"""The data contract shared by every dataset, model and metric.
+"""The data contract shared by every dataset, model and metric, and the base every DataModule builds on.
 
 Batch: a dict with
   ``x``     float image tensor [B, C, H, W] in **[0, 1]** (the one range used project-wide; models that
             want [-1, 1] convert inside their networks),
-  ``pa``    dict attribute name -> float tensor [B] (binary: 0./1.; continuous: normalised; categorical:
-            class index as float) in the order of ``CounterfactualDataModule.attributes``,
+  ``pa``    dict attribute name -> float tensor [B] (binary: 0./1.; continuous: normalised to [-1, 1] by the
+            attribute's ``low``/``high``; categorical: class index as float) in the order of
+            ``CounterfactualDataModule.attributes``,
   ``index`` long tensor [B], the row of the image in the dataset's own files (global, unique across splits),
             used to look up ground-truth counterfactuals.
 
-Attribute metadata lives on the DataModule and reaches models and callbacks by config interpolation.
+Attribute metadata (names, kinds, normalisation, bins) lives on the DataModule and reaches models and
+callbacks by config interpolation, never re-derived.
+
+``CounterfactualDataModule`` owns what every dataset shares: the seeded loaders (``EpochSampler`` order that
+depends on (seed, epoch) only, a private generator for worker seeds), the ``prepare_data``/``setup`` split
+(a builder writes files in ``prepare_data``; ``setup`` reads them), and split look-up. Small datasets keep
+their decoded images in an ``ArrayDataset``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 AttributeKind = Literal["binary", "continuous", "categorical"]
+SPLIT_NAMES = ("train", "val", "test")
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 class DatasetError(RuntimeError):
@@ -28,9 +41,43 @@ class DatasetError(RuntimeError):
 
 @dataclass(frozen=True)
 class Attribute:
+    """One parent ``pa``: its name, kind and, for continuous attributes, how raw values are normalised.
+
+    :param low, high: raw values mapped to -1 and +1 (min-max normalisation, as the published MorphoMNIST
+        benchmarks do with the training extremes); required for continuous attributes.
+    :param bins: raw-unit bin edges (increasing) used by metrics that need discrete values of a continuous
+        parent (interventions "to another bin", CLD's sets); ``None`` for binary and categorical attributes.
+    :param unit: the raw values' unit, for tables and plots.
+    """
+
     name: str
     kind: AttributeKind = "binary"
     num_classes: int | None = None
+    low: float | None = None
+    high: float | None = None
+    bins: tuple[float, ...] | None = None
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("binary", "continuous", "categorical"):
+            raise ValueError(f"attribute {self.name!r}: kind must be binary, continuous or categorical, "
+                             f"got {self.kind!r}")
+        if self.kind == "continuous":
+            if self.low is None or self.high is None or not self.high > self.low:
+                raise ValueError(f"continuous attribute {self.name!r} needs low < high for its normalisation, "
+                                 f"got low={self.low}, high={self.high}")
+        if self.kind == "categorical" and (self.num_classes is None or self.num_classes < 2):
+            raise ValueError(f"categorical attribute {self.name!r} needs num_classes >= 2, got {self.num_classes}")
+        if self.bins is not None:
+            if len(self.bins) < 2 or any(not lo < hi for lo, hi in zip(self.bins[:-1], self.bins[1:], strict=False)):
+                raise ValueError(f"attribute {self.name!r}: bins must be at least two increasing edges, "
+                                 f"got {self.bins}")
+            object.__setattr__(self, "bins", tuple(float(b) for b in self.bins))
+
+    @property
+    def dim(self) -> int:
+        """Width of the attribute in a model's conditioning vector (one-hot for categorical)."""
+        return int(self.num_classes) if self.kind == "categorical" else 1
 
     def flip(self, value: torch.Tensor) -> torch.Tensor:
         """The single-parent intervention of a binary attribute: 0 <-> 1."""
@@ -38,15 +85,122 @@ class Attribute:
             raise ValueError(f"flip() is defined for binary attributes; {self.name!r} is {self.kind}")
         return 1.0 - value
 
+    def normalise(self, raw: Any) -> torch.Tensor:
+        """Raw values -> the values batches carry (continuous: [low, high] -> [-1, 1]; others unchanged)."""
+        raw = torch.as_tensor(raw, dtype=torch.float32)
+        if self.kind != "continuous":
+            return raw
+        return 2.0 * (raw - self.low) / (self.high - self.low) - 1.0
+
+    def denormalise(self, value: Any) -> torch.Tensor:
+        """The inverse of ``normalise``: batch values -> raw units."""
+        value = torch.as_tensor(value, dtype=torch.float32)
+        if self.kind != "continuous":
+            return value
+        return (value + 1.0) * 0.5 * (self.high - self.low) + self.low
+
+    def bin_index(self, raw: Any) -> torch.Tensor:
+        """Bin of each raw value (long; values outside the edges fall into the first or last bin)."""
+        if self.bins is None:
+            raise ValueError(f"attribute {self.name!r} has no bins")
+        edges = torch.tensor(self.bins[1:-1], dtype=torch.float32)
+        return torch.bucketize(torch.as_tensor(raw, dtype=torch.float32), edges, right=True)
+
+
+def equal_width_bins(low: float, high: float, n: int) -> tuple[float, ...]:
+    """``n`` equal-width bins over [low, high] as ``n + 1`` edges."""
+    if n < 1 or not high > low:
+        raise ValueError(f"need n >= 1 and high > low, got n={n}, low={low}, high={high}")
+    return tuple(float(v) for v in np.linspace(low, high, n + 1))
+
+
+def split_train_val(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into sorted (train, val) row arrays with ``n_val`` validation rows."""
+    if not 0 <= n_val <= n:
+        raise ValueError(f"n_val must be between 0 and {n}, got {n_val}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def require_columns(path: Path | str, columns: Sequence[str], needed: Sequence[str], fix: str) -> None:
+    """Raise a ``DatasetError`` naming the file, the missing columns and the fix."""
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DatasetError(f"{path} lacks the column(s) {missing} (it has {list(columns)}). {fix}")
+
+
+def require_same_length(counts: Mapping[str, int], fix: str) -> None:
+    """Raise a ``DatasetError`` when files that describe the same images disagree on their number."""
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise DatasetError(f"these files should describe the same images but their counts differ ({listed}). {fix}")
+
+
+class ArrayDataset(Dataset):
+    """A split held in memory: uint8 images [N, C, H, W], raw parents, and the rows in the dataset's files.
+
+    Items follow the batch contract; parents are normalised on the way out by their ``Attribute``. One uint8
+    tensor rather than many arrays, so forked DataLoader workers share its pages copy-on-write.
+    """
+
+    def __init__(self, images: Any, parents: Mapping[str, Any], rows: Any,
+                 attributes: Sequence[Attribute]) -> None:
+        self.images = torch.as_tensor(images)
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        self.rows = torch.as_tensor(np.asarray(rows), dtype=torch.int64)
+        self.attributes = tuple(attributes)
+        missing = [a.name for a in self.attributes if a.name not in parents]
+        if missing:
+            raise ValueError(f"no values for parent(s) {missing}")
+        self.raw = {a.name: torch.as_tensor(np.asarray(parents[a.name]), dtype=torch.float32)
+                    for a in self.attributes}
+        self.pa = {a.name: a.normalise(self.raw[a.name]) for a in self.attributes}
+        for name, values in (("rows", self.rows), *self.raw.items()):
+            if len(values) != len(self.images):
+                raise ValueError(f"{name} has {len(values)} entries for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"x": self.images[i].to(torch.float32).div_(255.0),
+                "pa": {n: v[i] for n, v in self.pa.items()},
+                "index": self.rows[i]}
+
 
 class CounterfactualDataModule(pl.LightningDataModule):
-    """Base of every DataModule: attribute metadata and the optional ground-truth counterfactual oracle."""
+    """Base of every DataModule: attribute metadata, seeded loaders, and the optional ground-truth oracle.
+
+    Subclasses set ``attributes`` and ``image_shape`` and implement ``_build_split(split) -> Dataset``; the
+    base calls it in ``setup`` (once per split) and builds the loaders. A builder, when given, writes the
+    dataset's files in ``prepare_data`` (``builder.build(root)``) so that ``setup`` reads real and synthetic
+    data through the same code.
+    """
 
     attributes: tuple[Attribute, ...] = ()
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0, pin_memory: bool = False,
+                 drop_last_train: bool = True) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.pin_memory = bool(pin_memory)
+        self.drop_last_train = bool(drop_last_train)
+        self._datasets: dict[str, Dataset] = {}
 
     @property
     def attribute_names(self) -> list[str]:
         return [a.name for a in self.attributes]
+
+    def attribute(self, name: str) -> Attribute:
+        for a in self.attributes:
+            if a.name == name:
+                return a
+        raise KeyError(f"no attribute {name!r}; this dataset's attributes are {self.attribute_names}")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -62,6 +216,51 @@ class CounterfactualDataModule(pl.LightningDataModule):
         set to the given values and every other generative factor unchanged, after the same preprocessing
         as the batches."""
         raise NotImplementedError(f"{type(self).__name__} has no ground-truth counterfactuals")
+
+    # -- splits ----------------------------------------------------------------------------------------
+
+    def _build_split(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in _STAGE_SPLITS.get(stage or "", SPLIT_NAMES):
+            if split not in self._datasets:
+                self._datasets[split] = self._build_split(split)
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` (``train``, ``val`` or ``test``), set up on first use."""
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
+        if split not in self._datasets:
+            self._datasets[split] = self._build_split(split)
+        return self._datasets[split]
+
+    # -- loaders ---------------------------------------------------------------------------------------
+
+    def train_sampler_weights(self) -> torch.Tensor | None:
+        """Per-example draw weights for the train loader (``None``: a plain seeded shuffle)."""
+        return None
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        # A private generator for the loader's per-iterator worker seed: otherwise each new iterator draws from
+        # the global RNG, at a point that differs between an uninterrupted and a resumed run.
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.dataset("train")
+        # Dropping the only (incomplete) batch of a tiny split would leave an epoch with nothing to train on.
+        drop_last = self.drop_last_train and len(dataset) >= self.batch_size
+        # Each epoch's order depends on (seed, epoch) only, so resumed runs see the same batches.
+        sampler = EpochSampler(len(dataset), self.seed, weights=self.train_sampler_weights())
+        return self._loader(dataset, sampler=sampler, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test"), shuffle=False)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

@@ -44,7 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.base import Attribute, CounterfactualDataModule, DatasetError, EpochSampler
+from datamodules.base import Attribute, CounterfactualDataModule, DatasetError
 from datamodules.celeba_format import (
     ATTR_FILE,
     CELEBA_ATTRIBUTES,
@@ -205,7 +205,7 @@ class CelebADataModule(CounterfactualDataModule):
         pin_memory: bool = False,
         drop_last_train: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed, pin_memory, drop_last_train)
         self.save_hyperparameters(ignore=["builder"])
         names = [str(a) for a in attributes]
         for name in names:
@@ -231,21 +231,15 @@ class CelebADataModule(CounterfactualDataModule):
         self._names = tuple(names)
         self.image_size = int(image_size)
         self.crop_size = None if crop_size is None else int(crop_size)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
         self.split = split
         self.split_fractions = fractions
-        self.seed = int(seed)
         self.balance_attribute = balance_attribute
         self.cache = cache
         self.cache_max_bytes = int(cache_max_bytes)
         self.builder = builder
         self.limit_per_split = limit_per_split
-        self.pin_memory = pin_memory
-        self.drop_last_train = drop_last_train
 
         self._metadata: tuple[list[str], np.ndarray, list[str], dict[str, np.ndarray]] | None = None
-        self._datasets: dict[str, CelebADataset] = {}
         self._cached_bytes = 0
         if builder is None:
             # Fail before any training starts: the runner builds the DataModule first.
@@ -344,12 +338,6 @@ class CelebADataModule(CounterfactualDataModule):
             self.builder.build(self.root)
         self.check_files()
 
-    def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage or "", tuple(SPLITS)):
-            if split not in self._datasets:
-                self._datasets[split] = self._build_split(split)
-
     def _build_split(self, split: str) -> CelebADataset:
         filenames = self._load_metadata()[0]
         rows = self.split_rows(split)
@@ -386,40 +374,15 @@ class CelebADataModule(CounterfactualDataModule):
             pos += len(batch)
         dataset.cache = cache
 
-    def dataset(self, split: str) -> CelebADataset:
-        """The dataset of ``split``, set up on first use."""
-        if split not in self._datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        return self._datasets[split]
-
-    def _loader(self, dataset: CelebADataset, **kwargs: Any) -> DataLoader:
-        # A private generator for the loader's per-iterator worker seed: otherwise each new iterator draws from
-        # the global RNG, at a point that differs between an uninterrupted and a resumed run.
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.dataset("train")
-        # Dropping the only (incomplete) batch of a tiny split would leave an epoch with nothing to train on.
-        drop_last = self.drop_last_train and len(dataset) >= self.batch_size
-        # Each epoch's order depends on (seed, epoch) only, so resumed runs see the same batches (EpochSampler).
+    def train_sampler_weights(self) -> torch.Tensor | None:
         if self.balance_attribute is None:
-            return self._loader(dataset, sampler=EpochSampler(len(dataset), self.seed), drop_last=drop_last)
-        labels = self._labels(dataset.rows, [self.balance_attribute])[:, 0]
+            return None
+        labels = self._labels(self.dataset("train").rows, [self.balance_attribute])[:, 0]
         counts = np.array([(labels == 0).sum(), (labels == 1).sum()])
         if (counts == 0).any():
             raise DatasetError(f"cannot balance {self.balance_attribute!r}: the train split has no images with "
                                f"value {int(np.argmin(counts))}")
-        weights = torch.as_tensor(1.0 / counts[labels.astype(np.int64)], dtype=torch.float64)
-        sampler = EpochSampler(len(dataset), self.seed, weights=weights)
-        return self._loader(dataset, sampler=sampler, drop_last=drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("val"), shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test"), shuffle=False)
+        return torch.as_tensor(1.0 / counts[labels.astype(np.int64)], dtype=torch.float64)
 
     # -- ground truth --------------------------------------------------------------------------------
 

@@ -94,6 +94,12 @@ class TinyEditingData(CounterfactualDataModule):
         assert index.device.type == "cpu"
         return self.render(index, do[ATTR])
 
+    def _rows(self, split: str) -> range:
+        return range(self.n_val, self.n_val + self.n_test) if split == "test" else range(self.n_val)
+
+    def _build_split(self, split: str) -> Dataset:
+        return _Split(self.images, self.labels, self._rows(split))
+
     def _loader(self, rows: range) -> DataLoader:
         split = _Split(self.images, self.labels, rows)
         sampler = None
