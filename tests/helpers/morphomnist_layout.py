@@ -24,8 +24,8 @@ def write_morphomnist(root: Path, n_train: int = 30, n_test: int = 12, seed: int
         intensity = rng.uniform(70.0, 250.0, n)
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
-        lines = ["index,thickness,intensity"] + [f"{i},{float(t)!r},{float(v)!r}" for i, (t, v) in enumerate(zip(thickness,
-                                                                                                   intensity))]
+        rows = zip(thickness, intensity, strict=True)
+        lines = ["index,thickness,intensity"] + [f"{i},{float(t)!r},{float(v)!r}" for i, (t, v) in enumerate(rows)]
         (root / f"{prefix}-morpho.csv").write_text("\n".join(lines) + "\n")
         written[prefix] = {"images": images, "labels": labels, "thickness": thickness, "intensity": intensity}
     return written
