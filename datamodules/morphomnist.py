@@ -122,12 +122,13 @@ class MorphoMNISTDataModule(CounterfactualDataModule):
     """MorphoMNIST's thickness, intensity and digit as parents; x = [1, 32, 32] in [0, 1].
 
     :param root: the folder holding the MorphoMNIST files.
-    :param parents: which of ``thickness``, ``intensity``, ``digit`` batches carry, in order.
+    :param attributes: which of ``thickness``, ``intensity``, ``digit`` batches carry, in order.
     :param thickness_range, intensity_range: raw values mapped to -1 and +1.
     :param n_bins: equal-width bins per continuous parent over its range.
     :param n_val: training images held out for validation (seeded by ``seed``).
     :param layout: ``"full"`` (train and t10k files) or ``"t10k_only"`` (partition t10k by ``t10k_split``).
     :param t10k_split: (train, val, test) sizes for ``t10k_only``; they must sum to at most the t10k size.
+    :param image_size: always 32; present so that model configs can read ``data.image_size`` for every dataset.
     :param builder: a ``MorphoMNISTBuilder`` that writes the files in ``prepare_data`` and re-renders true
         counterfactuals.
     :param limit_per_split: keep only the first N images (in file order) of each split.
@@ -136,13 +137,14 @@ class MorphoMNISTDataModule(CounterfactualDataModule):
     def __init__(
         self,
         root: str,
-        parents: Sequence[str] = PARENTS,
+        attributes: Sequence[str] = PARENTS,
         thickness_range: Sequence[float] = THICKNESS_RANGE,
         intensity_range: Sequence[float] = INTENSITY_RANGE,
         n_bins: int = 5,
         n_val: int = 10000,
         layout: str = "full",
         t10k_split: Sequence[int] = (8000, 1000, 1000),
+        image_size: int = 32,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
@@ -153,10 +155,13 @@ class MorphoMNISTDataModule(CounterfactualDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, drop_last_train)
         self.save_hyperparameters(ignore=["builder"])
-        parents = tuple(str(p) for p in parents)
+        parents = tuple(str(p) for p in attributes)
         unknown = [p for p in parents if p not in PARENTS]
         if unknown or not parents or len(set(parents)) != len(parents):
-            raise ValueError(f"parents must be distinct names from {list(PARENTS)}, got {list(parents)}")
+            raise ValueError(f"attributes must be distinct names from {list(PARENTS)}, got {list(parents)}")
+        if image_size != 32:
+            raise ValueError(f"MorphoMNIST images are 28x28 digits padded to 32x32; image_size must be 32, "
+                             f"got {image_size}")
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         if len(t10k_split) != 3 or min(t10k_split) < 0:

@@ -75,11 +75,11 @@ def test_attributes_expose_kinds_ranges_and_bins(folder):
 
 def test_parents_can_be_chosen_and_reordered(folder):
     root, _ = folder
-    dm = MorphoMNISTDataModule(str(root), n_val=6, parents=["intensity", "thickness"], batch_size=4)
+    dm = MorphoMNISTDataModule(str(root), n_val=6, attributes=["intensity", "thickness"], batch_size=4)
     assert dm.attribute_names == ["intensity", "thickness"]
     assert list(next(iter(dm.val_dataloader()))["pa"]) == ["intensity", "thickness"]
-    with pytest.raises(ValueError, match="parents must be distinct names"):
-        MorphoMNISTDataModule(str(root), parents=["thickness", "slant"])
+    with pytest.raises(ValueError, match="attributes must be distinct names"):
+        MorphoMNISTDataModule(str(root), attributes=["thickness", "slant"])
 
 
 def test_t10k_only_partitions_the_test_files(folder, tmp_path):
@@ -169,3 +169,14 @@ def test_attribute_metadata_is_validated():
         Attribute("d", "categorical")
     with pytest.raises(ValueError, match="increasing edges"):
         Attribute("t", "continuous", low=0.0, high=1.0, bins=(0.0, 0.5, 0.5, 1.0))
+
+
+def test_the_config_builds_the_datamodule(folder):
+    from configs.loader import compose, instantiate
+
+    root, _ = folder
+    cfg = compose("classifier_smiling_synth", ["data=morphomnist", f"data.root={root}", "data.n_val=6"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, MorphoMNISTDataModule) and dm.attribute_names == ["thickness", "intensity", "digit"]
+    with pytest.raises(ValueError, match="image_size must be 32"):
+        MorphoMNISTDataModule(str(root), image_size=64)
