@@ -20,6 +20,7 @@ their decoded images in an ``ArrayDataset``.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +115,13 @@ def equal_width_bins(low: float, high: float, n: int) -> tuple[float, ...]:
     return tuple(float(v) for v in np.linspace(low, high, n + 1))
 
 
+def check_name(name: str, valid: Sequence[str], what: str) -> None:
+    """Raise a ``ValueError`` for a ``name`` not in ``valid``, suggesting the closest valid one."""
+    if name not in valid:
+        close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.0)
+        raise ValueError(f"unknown {what} {name!r}; did you mean {close[0]!r}? Valid names: {', '.join(valid)}")
+
+
 def split_train_val(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into sorted (train, val) row arrays with ``n_val`` validation rows."""
     if not 0 <= n_val <= n:
@@ -167,6 +175,20 @@ class ArrayDataset(Dataset):
         return {"x": self.images[i].to(torch.float32).div_(255.0),
                 "pa": {n: v[i] for n, v in self.pa.items()},
                 "index": self.rows[i]}
+
+
+class DecodedImages(Dataset):
+    """The uint8 images of a dataset with a ``load_uint8(i)`` method, for filling its in-memory cache with
+    DataLoader workers (decoding JPEGs in parallel)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.dataset.load_uint8(i))
 
 
 class CounterfactualDataModule(pl.LightningDataModule):

@@ -31,7 +31,6 @@ instead of every epoch; ``"never"`` decodes on every read, ``"always"`` ignores 
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.base import Attribute, CounterfactualDataModule, DatasetError
+from datamodules.base import Attribute, CounterfactualDataModule, DatasetError, DecodedImages, check_name
 from datamodules.celeba_format import (
     ATTR_FILE,
     CELEBA_ATTRIBUTES,
@@ -146,24 +145,8 @@ class CelebADataset(Dataset):
         }
 
 
-class _DecodedImages(Dataset):
-    """The uint8 images of a ``CelebADataset``, for filling its cache with DataLoader workers."""
-
-    def __init__(self, dataset: CelebADataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.dataset.load_uint8(i))
-
-
 def _check_attribute_name(name: str) -> None:
-    if name not in CELEBA_ATTRIBUTES:
-        close = difflib.get_close_matches(name, CELEBA_ATTRIBUTES, n=1, cutoff=0.0)
-        raise ValueError(f"unknown CelebA attribute {name!r}; did you mean {close[0]!r}? Valid names: "
-                         f"{', '.join(CELEBA_ATTRIBUTES)}")
+    check_name(name, CELEBA_ATTRIBUTES, "CelebA attribute")
 
 
 class CelebADataModule(CounterfactualDataModule):
@@ -366,7 +349,7 @@ class CelebADataModule(CounterfactualDataModule):
 
     def _fill_cache(self, dataset: CelebADataset, split: str) -> None:
         cache = torch.empty((len(dataset), self.image_size, self.image_size, 3), dtype=torch.uint8)
-        loader = DataLoader(_DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
+        loader = DataLoader(DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
         pos = 0
         for batch in tqdm(loader, desc=f"Caching CelebA {split} images", unit="batch",
                           disable=len(dataset) < _PROGRESS_MIN_IMAGES):

@@ -53,7 +53,6 @@ image, so 4 GiB holds every frontal image of CheXpert-small).
 from __future__ import annotations
 
 import csv
-import difflib
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -72,6 +71,8 @@ from datamodules.base import (
     Attribute,
     CounterfactualDataModule,
     DatasetError,
+    DecodedImages,
+    check_name,
     equal_width_bins,
     require_columns,
 )
@@ -327,22 +328,8 @@ class CheXpertDataset(Dataset):
                 "index": torch.tensor(self.rows[i], dtype=torch.int64)}
 
 
-class _DecodedImages(Dataset):
-    def __init__(self, dataset: CheXpertDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(self.dataset.load_uint8(i))
-
-
 def _check_parent_name(name: str) -> None:
-    if name not in PARENT_NAMES:
-        close = difflib.get_close_matches(name, PARENT_NAMES, n=1, cutoff=0.0)
-        raise ValueError(f"unknown CheXpert parent {name!r}; did you mean {close[0]!r}? Valid names: "
-                         f"{', '.join(PARENT_NAMES)}")
+    check_name(name, PARENT_NAMES, "CheXpert parent")
 
 
 @dataclass
@@ -616,7 +603,7 @@ class CheXpertDataModule(CounterfactualDataModule):
 
     def _fill_cache(self, dataset: CheXpertDataset, split: str) -> None:
         cache = torch.empty((len(dataset), 1, self.image_size, self.image_size), dtype=torch.uint8)
-        loader = DataLoader(_DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
+        loader = DataLoader(DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
         pos = 0
         for batch in tqdm(loader, desc=f"Caching CheXpert {split} images", unit="batch",
                           disable=len(dataset) < _PROGRESS_MIN_IMAGES):

@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 from datamodules.base import DatasetError
 from datamodules.chexpert import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, write_chexpert_csv
+from datamodules.synthetic.common import intervention_values, read_factors_npz, read_manifest
 
 # Part of the cache key with the builder's parameters: bump it whenever the renderer draws anything differently.
 FORMAT_VERSION = 1
@@ -619,20 +620,11 @@ def _row(factors: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
 
 def load_factors(root: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read ``<root>/factors.npz`` -> (factors, builder parameters); rows follow train.csv then valid.csv."""
-    path = Path(root) / FACTORS_FILE
-    if not path.is_file():
-        raise DatasetError(f"{path} not found: build the chest phantom first (ChestPhantomBuilder.build).")
-    with np.load(path, allow_pickle=False) as z:
-        factors = {k: z[k] for k in z.files if not k.startswith("_")}
-        params = json.loads(str(z["_params"]))
-    return factors, params
+    return read_factors_npz(Path(root) / FACTORS_FILE, "build the chest phantom first (ChestPhantomBuilder.build).")
 
 
 def _intervention(name: str, value: Any, n: int) -> np.ndarray:
-    v = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-    v = np.broadcast_to(v.astype(np.float64), (n,)) if v.ndim == 0 else v.astype(np.float64)
-    if v.shape != (n,):
-        raise ValueError(f"do[{name!r}] must be a scalar or have length {n}, got shape {v.shape}")
+    v = intervention_values(name, value, n)
     if name == "Age":
         if not ((v >= 0) & (v <= 120)).all():
             raise ValueError(f"do['Age'] must be in years (0-120), got {v.min()}..{v.max()}")
@@ -682,14 +674,9 @@ class ChestPhantomBuilder:
     def is_built(self, root: str | Path) -> bool:
         """True when ``root`` holds a complete build with exactly these parameters."""
         root = Path(root)
-        try:
-            manifest = json.loads((root / MANIFEST_FILE).read_text())
-        except (OSError, ValueError):
+        if not read_manifest(root, MANIFEST_FILE, FORMAT_VERSION, self.params, (TRAIN_CSV, VALID_CSV, FACTORS_FILE)):
             return False
-        if manifest.get("format_version") != FORMAT_VERSION or manifest.get("params") != self.params:
-            return False
-        if not all((root / f).is_file() for f in (TRAIN_CSV, VALID_CSV, FACTORS_FILE)):
-            return False
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
         first, last = manifest.get("first_image", ""), manifest.get("last_image", "")
         return bool(first) and (root / first).is_file() and (root / last).is_file()
 

@@ -60,6 +60,7 @@ from datamodules.celeba_format import (
     write_attributes,
     write_partition,
 )
+from datamodules.synthetic.common import intervention_values, read_factors_npz, read_manifest
 
 # Part of the cache key with the builder's parameters: bump it whenever the renderer draws anything differently,
 # or a dataset built earlier would be reused while true_counterfactual renders with the new drawing.
@@ -467,21 +468,11 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 def load_factors(root: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read ``<root>/factors.npz`` -> (factors, builder parameters); rows align with list_attr_celeba.txt."""
-    path = Path(root) / FACTORS_FILE
-    if not path.is_file():
-        raise DatasetError(f"{path} not found: build the synthetic faces first "
-                           f"(SyntheticFacesBuilder.build).")
-    with np.load(path, allow_pickle=False) as z:
-        factors = {k: z[k] for k in z.files if not k.startswith("_")}
-        params = json.loads(str(z["_params"]))
-    return factors, params
+    return read_factors_npz(Path(root) / FACTORS_FILE, "build the synthetic faces first (SyntheticFacesBuilder.build).")
 
 
 def _binary(name: str, value: Any, n: int) -> np.ndarray:
-    v = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-    v = np.broadcast_to(v.astype(np.float64), (n,)) if v.ndim == 0 else v.astype(np.float64)
-    if v.shape != (n,):
-        raise ValueError(f"do[{name!r}] must be a scalar or have length {n}, got shape {v.shape}")
+    v = intervention_values(name, value, n)
     if not np.isin(v, (-1.0, 0.0, 1.0)).all():
         raise ValueError(f"do[{name!r}] values must be bools, 0/1 or -1/1")
     return (v > 0).astype(np.int8)
@@ -532,13 +523,7 @@ class SyntheticFacesBuilder:
     def is_built(self, root: str | Path) -> bool:
         """True when ``root`` holds a complete build with exactly these parameters."""
         root = Path(root)
-        try:
-            manifest = json.loads((root / MANIFEST_FILE).read_text())
-        except (OSError, ValueError):
-            return False
-        if manifest.get("format_version") != FORMAT_VERSION or manifest.get("params") != self.params:
-            return False
-        if not all((root / f).is_file() for f in (ATTR_FILE, PARTITION_FILE, FACTORS_FILE)):
+        if not read_manifest(root, MANIFEST_FILE, FORMAT_VERSION, self.params, (ATTR_FILE, PARTITION_FILE, FACTORS_FILE)):
             return False
         names = self.filenames()
         img_dir = root / IMAGE_DIR

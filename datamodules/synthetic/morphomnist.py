@@ -63,6 +63,7 @@ from datamodules.base import DatasetError
 from datamodules.idx import write_idx
 from datamodules.mnist_source import load_mnist
 from datamodules.morphometrics import DEEPSCM_SCALE, SetIntensity, SetThickness, map_images, measure
+from datamodules.synthetic.common import intervention_values, read_manifest
 
 # Part of the cache key: bump it whenever rendering changes, or an old build would be reused while
 # true_counterfactual renders differently.
@@ -186,10 +187,7 @@ def _as_indices(indices: Any, n_rows: int, root: str | Path) -> np.ndarray:
 
 
 def _values(name: str, value: Any, n: int) -> np.ndarray:
-    v = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-    v = np.broadcast_to(v.astype(np.float64), (n,)) if v.ndim == 0 else v.astype(np.float64).reshape(-1)
-    if v.shape != (n,):
-        raise ValueError(f"do[{name!r}] must be a scalar or have length {n}, got shape {v.shape}")
+    v = intervention_values(name, value, n)
     if name == "thickness" and not (v > 0).all():
         raise ValueError("do['thickness'] must be > 0 (raw pixels)")
     if name == "intensity" and not ((v > 0) & (v <= 255)).all():
@@ -334,13 +332,7 @@ class MorphoMNISTBuilder:
 
     def is_built(self, root: str | Path) -> bool:
         """True when ``root`` holds a complete build with exactly these parameters."""
-        root = Path(root)
-        try:
-            manifest = json.loads((root / MANIFEST_FILE).read_text())
-        except (OSError, ValueError):
-            return False
-        return (manifest.get("format_version") == FORMAT_VERSION and manifest.get("params") == self.params
-                and all((root / f).is_file() for f in (*LAYOUT_FILES, FACTORS_FILE)))
+        return read_manifest(root, MANIFEST_FILE, FORMAT_VERSION, self.params, (*LAYOUT_FILES, FACTORS_FILE))
 
     def build(self, root: str | Path) -> Path:
         """Write the dataset into ``root`` unless an identical build is already there; returns ``root``."""
