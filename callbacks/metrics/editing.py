@@ -1,6 +1,6 @@
 """Attribute-editing metrics: reconstruction error, edit success rate and error against true counterfactuals.
 
-These are the quantities of IFcVAE-GAN (Hou et al.), §4.1–4.2 and Tables 1–3:
+These are the quantities of IFcVAE-GAN (Creswell et al., "Adversarial Information Factorization"), §4.1–4.2 and Tables 1–3:
 
 * ``MSE``: mean squared error between an image ``x`` and its reconstruction ``x̂`` (images in [0, 1], so the
   paper's values are about 0.01–0.03) → :class:`ReconstructionMSE`;
