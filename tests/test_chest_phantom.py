@@ -282,3 +282,14 @@ def test_config_builds_the_phantom_datamodule(tmp_path: Path) -> None:
     assert isinstance(dm.builder, ChestPhantomBuilder) and dm.image_shape == (1, 128, 128)
     dm.prepare_data()
     assert (tmp_path / TRAIN_CSV).is_file() and dm.split == "official"
+
+
+def test_the_command_line_and_the_config_build_the_same_phantom():
+    """`make data-chest` must prepare exactly the data `data=chest_phantom` reads (same folder, same stamp)."""
+    from configs.loader import compose, instantiate
+
+    cfg = compose("classifier_smiling_synth", ["data=chest_phantom"])
+    builder = instantiate(cfg.data.builder)
+    default = ChestPhantomBuilder()
+    assert builder.params == default.params
+    assert cfg.data.root.endswith(f"chest_phantom_{default.image_size}px_{default.n_train_patients}_seed0")

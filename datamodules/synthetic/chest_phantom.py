@@ -648,7 +648,7 @@ class ChestPhantomBuilder:
     ``PhantomPopulation`` fields.
     """
 
-    def __init__(self, n_train_patients: int = 5000, n_valid_patients: int = 200, image_size: int = 256,
+    def __init__(self, n_train_patients: int = 3000, n_valid_patients: int = 300, image_size: int = 256,
                  seed: int = 0, population: Mapping[str, float] | None = None, jpeg_quality: int = 90,
                  noise_std: float = 0.012, clavicles: bool = True) -> None:
         if n_train_patients < 1 or n_valid_patients < 0:
@@ -786,8 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the chest phantom in CheXpert-v1.0-small's layout (cached).")
     parser.add_argument("--root", default=None,
                         help="default: data/chest_phantom_<size>px_<patients>_seed<seed>, as data=chest_phantom")
-    parser.add_argument("--n-train-patients", type=int, default=5000)
-    parser.add_argument("--n-valid-patients", type=int, default=200)
+    parser.add_argument("--n-train-patients", type=int, default=3000)
+    parser.add_argument("--n-valid-patients", type=int, default=300)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preview", default=None, help="only save a PNG grid of phantoms and finding toggles here")
