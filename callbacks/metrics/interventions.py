@@ -1,0 +1,109 @@
+"""Which interventions the counterfactual metrics ask for: single-parent, multi-parent and random, seeded.
+
+An ``Intervention`` holds, per intervened parent, the new values (normalised, as batches carry them) and a
+boolean mask of the samples it applies to; parents absent from it are not intervened on, so a model's causal
+graph may change them as descendants (do(thickness) moves intensity). For a sample whose mask is False the
+value equals the factual one and must be ignored, not applied as do(X = x).
+
+How a new value is drawn for one parent (the benchmark's protocol, §3.3 and its code):
+
+* binary: the flip ``1 - v``;
+* categorical with K classes: uniformly among the K - 1 other classes;
+* continuous: a value drawn uniformly from ``pool`` (the parent's values over the test set) among those in a
+  different bin of ``Attribute.bins`` from the factual value, so that the intervention changes the parent by
+  more than noise. A bin that holds the whole pool leaves nothing to draw from and raises an error.
+
+Randomness comes only from the ``torch.Generator`` passed in, never from the global RNG, so evaluations are
+reproducible and training RNG streams are untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from datamodules.base import Attribute
+
+__all__ = ["Intervention", "draw_new_values", "multi_parent", "random_parents", "single_parent"]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """New parent values ``values[name]`` [B] applied where ``mask[name]`` [B] is True."""
+
+    values: dict[str, Tensor]
+    mask: dict[str, Tensor]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.values)
+
+    def apply(self, pa: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The parents after the intervention, before any propagation to descendants."""
+        out = dict(pa)
+        for name, value in self.values.items():
+            out[name] = torch.where(self.mask[name], value.to(pa[name].dtype), pa[name])
+        return out
+
+
+def draw_new_values(attribute: Attribute, values: Tensor, generator: torch.Generator,
+                    pool: Tensor | None = None) -> Tensor:
+    """A new value for every entry of ``values`` (normalised), different from it as the module docstring says."""
+    values = values.detach().to("cpu", torch.float32)
+    if attribute.kind == "binary":
+        return 1.0 - values
+    if attribute.kind == "categorical":
+        k = int(attribute.num_classes)
+        shift = torch.randint(1, k, values.shape, generator=generator)
+        return ((values.round().long() + shift) % k).to(torch.float32)
+    if pool is None or attribute.bins is None:
+        raise ValueError(f"continuous parent {attribute.name!r} needs a pool of values and bins to draw from")
+    pool = pool.detach().to("cpu", torch.float32).reshape(-1)
+    pool_bins = attribute.bin_index(attribute.denormalise(pool))
+    value_bins = attribute.bin_index(attribute.denormalise(values))
+    out = torch.empty_like(values)
+    for b in value_bins.unique().tolist():
+        rows = torch.nonzero(value_bins == b).reshape(-1)
+        candidates = pool[pool_bins != b]
+        if len(candidates) == 0:
+            raise ValueError(f"every pool value of {attribute.name!r} lies in bin {b}; no value from another bin "
+                             f"exists. Use more bins or a wider pool.")
+        out[rows] = candidates[torch.randint(len(candidates), (len(rows),), generator=generator)]
+    return out
+
+
+def single_parent(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], target: str,
+                  generator: torch.Generator, pools: Mapping[str, Tensor] | None = None) -> Intervention:
+    """do(target = a new value) for every sample."""
+    return multi_parent(attributes, pa, [target], generator, pools)
+
+
+def multi_parent(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], targets: Sequence[str],
+                 generator: torch.Generator, pools: Mapping[str, Tensor] | None = None) -> Intervention:
+    """do(each target = a new value) jointly, for every sample; targets are drawn in the order given."""
+    by_name = {a.name: a for a in attributes}
+    unknown = [t for t in targets if t not in by_name]
+    if unknown or not targets:
+        raise ValueError(f"targets must be parents among {list(by_name)}, got {list(targets)}")
+    values, mask = {}, {}
+    for name in targets:
+        pool = None if pools is None else pools.get(name)
+        values[name] = draw_new_values(by_name[name], pa[name], generator, pool)
+        mask[name] = torch.ones(len(values[name]), dtype=torch.bool)
+    return Intervention(values, mask)
+
+
+def random_parents(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], generator: torch.Generator,
+                   pools: Mapping[str, Tensor] | None = None, p: float = 0.5) -> Intervention:
+    """Each parent intervened on with probability ``p``, independently per sample, at least one per sample
+    (a sample that drew none gets one parent chosen uniformly)."""
+    names = [a.name for a in attributes]
+    n = len(pa[names[0]])
+    chosen = torch.rand((n, len(names)), generator=generator) < p
+    empty = torch.nonzero(~chosen.any(1)).reshape(-1)
+    chosen[empty, torch.randint(len(names), (len(empty),), generator=generator)] = True
+    full = multi_parent(attributes, pa, names, generator, pools)
+    return Intervention(full.values, {name: chosen[:, j] for j, name in enumerate(names)})
