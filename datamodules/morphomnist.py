@@ -140,7 +140,7 @@ class MorphoMNISTDataModule(CounterfactualDataModule):
         attributes: Sequence[str] = PARENTS,
         thickness_range: Sequence[float] = THICKNESS_RANGE,
         intensity_range: Sequence[float] = INTENSITY_RANGE,
-        n_bins: int = 5,
+        n_bins: int = 10,
         n_val: int = 10000,
         layout: str = "full",
         t10k_split: Sequence[int] = (8000, 1000, 1000),
