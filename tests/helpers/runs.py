@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from configs.loader import compose
+from tests.helpers.morphomnist_layout import write_morphomnist
 
 
 def tiny_overrides(name: str, tmp: Path, celeba_root: Path | None = None, oracle: str | None = None) -> list[str]:
@@ -23,10 +24,25 @@ def tiny_overrides(name: str, tmp: Path, celeba_root: Path | None = None, oracle
         if celeba_root is None:
             raise ValueError(f"{name} reads CelebA: pass celeba_root")
         args += [f"data.root={celeba_root}"]
+    elif choices.data in ("morphomnist", "morphomnist_synth"):
+        # a tiny folder in the published layout stands in for both (building the synthetic one takes minutes)
+        root = tmp / "tiny_morphomnist"
+        if not root.exists():
+            write_morphomnist(root, n_train=24, n_test=8)
+        args = [a for a in args if a != "data.image_size=32"] + [f"data.root={root}", "data.n_val=8", "data.builder=null"]
+    elif choices.data in ("colored_mnist", "double_colored_mnist", "wildlife_mnist"):
+        args = [a for a in args if a != "data.image_size=32"] + ["data.limit_per_split=16"]
+    elif choices.data == "chest_phantom":
+        args += ["data.builder.n_train_patients=6", "data.builder.n_valid_patients=3", "data.builder.image_size=64",
+                 "data.split_fractions=[0.5,0.5,0.0]"]
     if choices.model == "ifcvae":
         args += ["model._width=8", "model._latent=8"]
     elif choices.model == "classifier":
         args += ["model.network.base_width=8"]
+    elif choices.model == "predictor":
+        args += ["model._width=4", "model.feature_dim=8"]
+    elif choices.model == "vae":
+        args += ["model._width=4", "model._latent=4"]
     if choices.callbacks == "editing":
         args += [f"callbacks.editing_metrics.oracle={oracle}", "callbacks.grid.n_images=4"]
     return args

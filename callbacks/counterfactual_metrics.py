@@ -1,0 +1,365 @@
+"""The benchmark's counterfactual metrics (counterfactual_benchmark §3.3) as one Lightning callback.
+
+For every evaluation batch, through the :class:`CounterfactualModule` contract only:
+
+* composition^m: the null intervention applied m times (``callbacks.metrics.composition``);
+* for each intervened parent (single-parent interventions drawn by ``callbacks.metrics.interventions`` from a
+  seeded generator): the counterfactual x*, then
+  - reversibility: back from do(pa*) to pa;
+  - effectiveness: the anti-causal predictors on x* against the counterfactual parents (``predictors``), and/or
+    Morpho-MNIST's measurements of x* (``morphometric=True``);
+  - minimality: CLD with an unconditional VAE's posteriors of x and x* (``vae``);
+  - the true-counterfactual error when the DataModule can render ground truth;
+* realism: FID between one counterfactual per evaluated image (the intervened parent cycles over batches) and
+  real images (``fid_real="train"``: the training split as published, or ``"eval"``: the evaluated images).
+
+Counterfactual parents are the model's ``counterfactual_parents(pa, do)`` when it has one (an SCM that
+propagates do(thickness) to intensity), else the parents with ``do`` applied.
+
+Logged keys (``stage`` is ``val`` or ``test``)::
+
+    {stage}/composition/{distance}/{m}            mean over images (and .../std)
+    {stage}/reversibility/{parent}/{distance}
+    {stage}/effectiveness/do_{parent}/{measured}  MAE in original units / accuracy / F1
+    {stage}/morpho_effectiveness/do_{parent}/{measured}
+    {stage}/cld[/{parent}], {stage}/cld_p_sx_star_le_div, {stage}/cld_p_sx_ge_div
+    {stage}/fid_{domain|inception}
+    {stage}/true_cf/do_{parent}/{mse|l1}
+
+Values are torchmetrics states synchronised at compute, logged with ``sync_dist=False``; what cannot be computed
+(no predictors, no VAE, a model that cannot abduct, no ground truth) is skipped with one printed reason, kept
+in :attr:`skipped`. Networks used here (predictors, VAE, feature extractors) live on the callback, so they stay
+out of the model's checkpoint; they and the model are run in eval mode under no_grad with the global RNG
+untouched (:func:`callbacks.editing_metrics.evaluation_mode`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from callbacks.editing_metrics import evaluation_mode
+from callbacks.metrics.composition import Composition, Reversibility
+from callbacks.metrics.distances import EmbeddingL1, LPIPSDistance, PixelL1
+from callbacks.metrics.editing import TrueCounterfactualError
+from callbacks.metrics.effectiveness import Effectiveness, MorphometricEffectiveness
+from callbacks.metrics.interventions import single_parent
+from callbacks.metrics.minimality import CounterfactualLatentDivergence
+from callbacks.metrics.realism import FID
+
+__all__ = ["CounterfactualMetrics"]
+
+STAGES = ("val", "test")
+DISTANCES = ("l1", "lpips_vgg", "lpips_alex", "embedding")
+
+
+def _load(path: str | os.PathLike, cls_path: str, experiment: str) -> nn.Module:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train it with `make train "
+                                f"EXP={experiment}` or point the callback at the right file.")
+    module_name, cls_name = cls_path.rsplit(".", 1)
+    cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
+    return cls.load_from_checkpoint(path, map_location="cpu")
+
+
+class CounterfactualMetrics(pl.Callback):
+    """Composition, reversibility, effectiveness, minimality, realism and ground truth, per intervened parent.
+
+    :param intervene: parents to intervene on one at a time (default: every parent of the DataModule).
+    :param composition_m: numbers of null interventions for composition.
+    :param distances: among ``l1`` (pixels, 0-255), ``lpips_vgg``, ``lpips_alex`` (hub-cache weights) and
+        ``embedding`` (L1 of the predictors' penultimate features; needs ``predictors``).
+    :param predictors: an ``AntiCausalPredictor`` checkpoint or module (``predict_parents``, ``features``);
+        ``None`` skips effectiveness.
+    :param vae: an unconditional ``VAE`` checkpoint or module (``posterior``); ``None`` skips CLD.
+    :param fid: ``None``, ``"fid_domain"`` (the predictors' features) or ``"fid_inception"``.
+    :param fid_real: ``"train"`` (published: the training split; ``fid_real_batches`` caps it) or ``"eval"``.
+    :param morphometric: also measure thickness and intensity of x* (MorphoMNIST only).
+    :param cld_weights: (w1, w2) of eq. 9.
+    :param every_n_epochs, limit_val_batches: the cheap validation subset; test always uses the whole split.
+    :param seed: seeds the interventions and the model's evaluation noise.
+    """
+
+    def __init__(
+        self,
+        intervene: Sequence[str] | None = None,
+        composition_m: Sequence[int] = (1, 10),
+        distances: Sequence[str] = ("l1",),
+        predictors: str | os.PathLike | nn.Module | None = None,
+        predictors_experiment: str | None = None,
+        vae: str | os.PathLike | nn.Module | None = None,
+        vae_experiment: str | None = None,
+        fid: str | None = None,
+        fid_real: str = "train",
+        fid_real_batches: int | None = None,
+        morphometric: bool = False,
+        true_counterfactuals: bool = True,
+        cld_weights: Sequence[float] = (0.8, 0.2),
+        every_n_epochs: int = 1,
+        limit_val_batches: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        unknown = [d for d in distances if d not in DISTANCES]
+        if unknown:
+            raise ValueError(f"unknown distance(s) {unknown}; choose from {list(DISTANCES)}")
+        if fid not in (None, "fid_domain", "fid_inception"):
+            raise ValueError(f"fid must be null, fid_domain or fid_inception, got {fid!r}")
+        if fid_real not in ("train", "eval"):
+            raise ValueError(f"fid_real must be 'train' or 'eval', got {fid_real!r}")
+        if every_n_epochs < 1 or (limit_val_batches is not None and limit_val_batches < 1):
+            raise ValueError("every_n_epochs and limit_val_batches must be >= 1")
+        if "embedding" in distances and predictors is None:
+            raise ValueError("the 'embedding' distance uses the predictors' features: set `predictors`")
+        if fid == "fid_domain" and predictors is None:
+            raise ValueError("fid_domain uses the predictors' features: set `predictors`")
+        self.intervene = None if intervene is None else [str(p) for p in intervene]
+        self.composition_m = tuple(int(m) for m in composition_m)
+        self.distance_names = tuple(distances)
+        self.fid, self.fid_real, self.fid_real_batches = fid, fid_real, fid_real_batches
+        self.morphometric, self.true_counterfactuals = morphometric, true_counterfactuals
+        self.cld_weights = tuple(float(w) for w in cld_weights)
+        self.every_n_epochs, self.limit_val_batches, self.seed = every_n_epochs, limit_val_batches, seed
+        self._predictors = predictors if isinstance(predictors, nn.Module) or predictors is None else _load(
+            predictors, "lightning_modules.predictors.AntiCausalPredictor", predictors_experiment or "<predictors>")
+        self._vae = vae if isinstance(vae, nn.Module) or vae is None else _load(
+            vae, "lightning_modules.vae.VAE", vae_experiment or "<vae>")
+        self._metrics: dict[str, nn.ModuleDict] = {}
+        self._attributes: tuple = ()
+        self._targets: list[str] = []
+        self._pools: dict[str, Tensor] = {}
+        self._truth = False
+        self.skipped: dict[str, str] = {}
+        self.results: dict[str, dict[str, float]] = {}
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        self._attributes = tuple(datamodule.attributes)
+        self._image_shape = tuple(datamodule.image_shape)
+        names = [a.name for a in self._attributes]
+        targets = names if self.intervene is None else self.intervene
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise ValueError(f"intervene lists {missing}, which are not parents of the data ({names})")
+        self._targets = list(targets)
+        for module in (self._predictors, self._vae):
+            if module is not None:
+                module.eval()
+                module.requires_grad_(False)
+        if not getattr(pl_module, "can_abduct", True):
+            self._skip("abduction", f"{type(pl_module).__name__} cannot abduct: no counterfactual metrics")
+        if self._predictors is None:
+            self._skip("effectiveness", "no predictors given: no effectiveness")
+        if self._vae is None:
+            self._skip("cld", "no unconditional VAE given: no CLD")
+        self._truth = self.true_counterfactuals and getattr(datamodule, "has_true_counterfactuals", False)
+        if not self._truth:
+            self._skip("true_cf", f"{type(datamodule).__name__} renders no ground truth (or it is disabled): "
+                                  "no true-counterfactual error")
+        if not self._metrics:
+            self._metrics = {s: self._build_metrics() for s in STAGES}
+
+    def _distances(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.distance_names:
+            if name == "l1":
+                out[name] = PixelL1()
+            elif name.startswith("lpips_"):
+                out["lpips"] = LPIPSDistance(name.split("_", 1)[1])
+            else:
+                out[name] = EmbeddingL1(_Features(self._predictors))
+        return out
+
+    def _build_metrics(self) -> nn.ModuleDict:
+        distances = self._distances()
+        m: dict[str, nn.Module] = {"composition": Composition(distances, self.composition_m)}
+        for t in self._targets:
+            m[f"reversibility/{t}"] = Reversibility(distances)
+            if self._truth:
+                m[f"true_cf/{t}"] = TrueCounterfactualError()
+        if self._predictors is not None:
+            m["effectiveness"] = Effectiveness(self._attributes, self._targets)
+        if self.morphometric:
+            measured = [a for a in self._attributes if a.name in ("thickness", "intensity")]
+            m["morpho_effectiveness"] = MorphometricEffectiveness(measured, self._targets)
+        if self._vae is not None:
+            m["cld"] = CounterfactualLatentDivergence(self._attributes, *self.cld_weights)
+        if self.fid == "fid_domain":
+            features = _Features(self._predictors)
+            with torch.no_grad():  # the feature size, from one blank image (the predictors are in eval mode)
+                width = features(torch.zeros(1, *self._image_shape)).shape[1]
+            m["fid"] = FID("fid_domain", model=features, num_features=width)
+        elif self.fid == "fid_inception":
+            m["fid"] = FID("fid_inception")
+        return nn.ModuleDict(m)
+
+    def _skip(self, group: str, reason: str) -> None:
+        if self.skipped.get(group) != reason:
+            self.skipped[group] = reason
+            rank_zero_info(f"[{type(self).__name__}] {reason}")
+
+    def _active(self, trainer: pl.Trainer, stage: str) -> bool:
+        if stage == "test":
+            return True
+        if trainer.sanity_checking:
+            return False
+        return trainer.state.fn != TrainerFn.FITTING or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _split_pools(self, trainer: pl.Trainer, stage: str) -> dict[str, Tensor]:
+        """Values of the continuous parents over the evaluated split, the pool interventions draw from."""
+        continuous = [a.name for a in self._attributes if a.kind == "continuous"]
+        if not continuous:
+            return {}
+        dataset = trainer.datamodule.dataset(stage)
+        pa = getattr(dataset, "pa", None)
+        if pa is None:
+            raise ValueError(f"{type(dataset).__name__} exposes no `pa` values to draw continuous interventions from")
+        return {n: pa[n] for n in continuous}
+
+    def _start(self, trainer: pl.Trainer, stage: str, pl_module: pl.LightningModule) -> None:
+        self._metrics[stage].to(pl_module.device)
+        for metric in self._metrics[stage].values():
+            metric.reset()
+        for module in (self._predictors, self._vae):
+            if module is not None:
+                module.to(pl_module.device)
+        self._pools = self._split_pools(trainer, stage)
+        if self.fid is not None and self.fid_real == "train":
+            loader = trainer.datamodule.train_dataloader()
+            for i, batch in enumerate(loader):
+                if self.fid_real_batches is not None and i >= self.fid_real_batches:
+                    break
+                self._metrics[stage]["fid"].update(batch["x"].to(pl_module.device), real=True)
+
+    # -- Lightning hooks ---------------------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active(trainer, "val"):
+            self._start(trainer, "val", pl_module)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, "test", pl_module)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._active(trainer, "val"):
+            return
+        if self.limit_val_batches is not None and batch_idx >= self.limit_val_batches:
+            return
+        self._update("val", trainer, pl_module, batch, batch_idx)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                          batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._update("test", trainer, pl_module, batch, batch_idx)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active(trainer, "val"):
+            self._finish("val", pl_module)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish("test", pl_module)
+
+    # -- per batch -----------------------------------------------------------------------------------------
+    def _cf_parents(self, pl_module: pl.LightningModule, pa: Mapping[str, Tensor],
+                    do: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        propagate = getattr(pl_module, "counterfactual_parents", None)
+        return dict(propagate(pa, do)) if propagate is not None else {**pa, **do}
+
+    def _update(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any],
+                batch_idx: int) -> None:
+        if "abduction" in self.skipped:
+            return
+        m = self._metrics[stage]
+        x, pa = batch["x"], dict(batch["pa"])
+        seed = self.seed + 1_000_003 * trainer.global_rank + batch_idx
+        generator = torch.Generator().manual_seed(seed)
+        with evaluation_mode(pl_module, seed):
+            m["composition"].update(pl_module, x, pa)
+            fid_target = self._targets[batch_idx % len(self._targets)]
+            for target in self._targets:
+                draw = single_parent(self._attributes, {k: v.cpu() for k, v in pa.items()}, target, generator,
+                                     self._pools)
+                do = {k: v.to(x.device) for k, v in draw.values.items()}
+                cf_pa = self._cf_parents(pl_module, pa, do)
+                x_cf = pl_module.counterfactual(x, pa, do)
+                m[f"reversibility/{target}"].update(pl_module, x, pa, cf_pa)
+                if "effectiveness" in m:
+                    m["effectiveness"].update(self._predictors.predict_parents(x_cf, cf_pa), cf_pa, target)
+                if "morpho_effectiveness" in m:
+                    from datamodules.synthetic.morphomnist import oracle_measure
+
+                    measured = dict(zip(("thickness", "intensity"), oracle_measure(x_cf), strict=True))
+                    m["morpho_effectiveness"].update(measured, cf_pa, target)
+                if "cld" in m:
+                    fact, cf = self._vae.posterior(x), self._vae.posterior(x_cf)
+                    m["cld"].update(*fact, *cf, pa, cf_pa, target)
+                if "fid" in m and target == fid_target:
+                    m["fid"].update(x_cf, real=False)
+                if f"true_cf/{target}" in m:
+                    self._update_truth(m[f"true_cf/{target}"], trainer, batch, do, x_cf, target)
+            if "fid" in m and self.fid_real == "eval":
+                m["fid"].update(x, real=True)
+
+    def _update_truth(self, metric: nn.Module, trainer: pl.Trainer, batch: Mapping[str, Any],
+                      do: Mapping[str, Tensor], x_cf: Tensor, target: str) -> None:
+        try:
+            truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {k: v.cpu() for k, v in do.items()})
+        except (ValueError, NotImplementedError) as err:
+            self._skip(f"true_cf/{target}", f"no true counterfactual for do({target}): {err}")
+            return
+        metric.update(x_cf, truth.to(device=x_cf.device, dtype=x_cf.dtype))
+
+    # -- per epoch -----------------------------------------------------------------------------------------
+    def _finish(self, stage: str, pl_module: pl.LightningModule) -> dict[str, float]:
+        if "abduction" in self.skipped:
+            return {}
+        m = self._metrics[stage]
+        computed: dict[str, Tensor] = {}
+        for key, value in m["composition"].compute().items():
+            computed[f"{stage}/composition/{key}"] = value
+        for target in self._targets:
+            for key, value in m[f"reversibility/{target}"].compute().items():
+                computed[f"{stage}/reversibility/{target}/{key}"] = value
+            if f"true_cf/{target}" in m:
+                for key, value in m[f"true_cf/{target}"].compute().items():
+                    computed[f"{stage}/true_cf/do_{target}/{key}"] = value
+        if "effectiveness" in m:
+            computed.update(Effectiveness.flatten(m["effectiveness"].compute(), f"{stage}/effectiveness/"))
+        if "morpho_effectiveness" in m:
+            values = m["morpho_effectiveness"].compute()
+            computed.update(MorphometricEffectiveness.flatten(values, f"{stage}/morpho_effectiveness/"))
+        if "cld" in m:
+            for key, value in m["cld"].compute().items():
+                computed[f"{stage}/{key if key.startswith('cld') else 'cld_' + key}"] = value
+        if "fid" in m:
+            computed[f"{stage}/{self.fid}"] = m["fid"].compute()
+        values = {}
+        for key, value in computed.items():
+            value = float(value)
+            if value != value:
+                self._skip(key, f"{key}: no samples in {stage}, not logged")
+                continue
+            values[key] = value
+            pl_module.log(key, value, sync_dist=False)
+        self.results[stage] = values
+        return values
+
+
+class _Features(nn.Module):
+    """The predictors' penultimate features as a feature extractor (for embedding L1 and FID)."""
+
+    def __init__(self, predictors: nn.Module) -> None:
+        super().__init__()
+        self.predictors = predictors
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.predictors.features(x)

@@ -1,0 +1,138 @@
+"""The counterfactual-metrics callback end to end, on a model whose counterfactuals are exact by construction.
+
+Images carry their parents in two pixels: x[0, 0, 0] = b (binary) and x[0, 0, 1] = (c + 1) / 2 (continuous,
+normalised); the rest is identity texture. ``WritingModel`` abducts the image and predicts by writing the
+parents into those pixels, so its counterfactuals are exactly the true ones, and ``ReadingPredictors`` reads
+them back: composition, reversibility and the true-counterfactual error are 0, effectiveness is perfect.
+``LazyModel`` never changes the image: its edits fail, which the same metrics must show.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from callbacks.counterfactual_metrics import CounterfactualMetrics
+from datamodules.base import ArrayDataset, Attribute, CounterfactualDataModule, equal_width_bins
+from lightning_modules.base import CounterfactualModule
+
+B = Attribute("b")
+# pixel = (c_norm + 1) / 2 = c_raw / 2.55: the raw values below are whole grey levels, exact in uint8
+C = Attribute("c", "continuous", low=0.0, high=2.55, bins=equal_width_bins(0.0, 2.55, 4))
+N, SIZE = 24, 6
+
+
+def _write(x: torch.Tensor, pa: dict[str, torch.Tensor]) -> torch.Tensor:
+    x = x.clone()
+    x[:, 0, 0, 0] = pa["b"].to(x.dtype)
+    x[:, 0, 0, 1] = (pa["c"].to(x.dtype) + 1) / 2
+    return x
+
+
+class PixelParentsData(CounterfactualDataModule):
+    attributes = (B, C)
+
+    def __init__(self) -> None:
+        super().__init__(batch_size=5)
+        g = torch.Generator().manual_seed(0)
+        self.texture = torch.randint(0, 16, (N, 1, SIZE, SIZE), generator=g).float() * 17 / 255  # grey levels
+        self.b = (torch.arange(N) % 2).float()
+        self.c_raw = torch.tensor([0.51, 1.02, 1.53, 2.04]).repeat(N // 4)  # one per bin
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1, SIZE, SIZE)
+
+    @property
+    def has_true_counterfactuals(self) -> bool:
+        return True
+
+    def render(self, index: torch.Tensor, pa: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _write(self.texture[index], pa)
+
+    def _build_split(self, split: str) -> ArrayDataset:
+        rows = torch.arange(N)
+        pa = {"b": self.b, "c": C.normalise(self.c_raw)}
+        images = (self.render(rows, pa) * 255).round().to(torch.uint8)
+        return ArrayDataset(images, {"b": self.b, "c": self.c_raw}, rows, self.attributes)
+
+    def true_counterfactual(self, index: torch.Tensor, do: dict[str, torch.Tensor]) -> torch.Tensor:
+        pa = {"b": self.b[index], "c": C.normalise(self.c_raw[index])}
+        return self.render(index, {**pa, **do})
+
+
+class WritingModel(CounterfactualModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(1)  # must stay untouched by the metrics
+
+    def abduct(self, x, pa):
+        return x
+
+    def predict(self, noise, pa):
+        return _write(noise, pa)
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+
+class LazyModel(WritingModel):
+    def predict(self, noise, pa):
+        return noise
+
+
+class ReadingPredictors(nn.Module):
+    def predict_parents(self, x, pa=None):
+        return {"b": (x[:, 0, 0, 0] > 0.5).float(), "c": x[:, 0, 0, 1] * 2 - 1}
+
+    def features(self, x):
+        return x.flatten(1)
+
+
+class PixelVAE(nn.Module):
+    def posterior(self, x):
+        return x.flatten(1), torch.zeros_like(x.flatten(1))
+
+
+def _run(model: CounterfactualModule, **kwargs) -> dict[str, float]:
+    callback = CounterfactualMetrics(predictors=ReadingPredictors(), vae=PixelVAE(), composition_m=(1, 3),
+                                     distances=("l1", "embedding"), fid="fid_domain", fid_real="eval", **kwargs)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.test(model, datamodule=PixelParentsData(), verbose=False)
+    return callback.results["test"]
+
+
+def test_an_exact_model_scores_perfectly():
+    model = WritingModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = _run(model)
+    for key in ("composition/l1/1", "composition/l1/3", "composition/embedding/3", "reversibility/b/l1",
+                "reversibility/c/l1", "true_cf/do_b/mse", "true_cf/do_c/l1"):
+        assert r[f"test/{key}"] == pytest.approx(0.0, abs=1e-4), key
+    assert r["test/effectiveness/do_b/b"] == 1.0  # F1
+    assert r["test/effectiveness/do_c/c"] == pytest.approx(0.0, abs=1e-5)  # MAE in original units
+    assert r["test/effectiveness/do_c/b"] == 1.0  # the other parent is left as it was
+    assert {"test/cld", "test/cld_p_sx_star_le_div", "test/cld_p_sx_ge_div", "test/fid_domain"} <= set(r)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_that_ignores_interventions_fails_effectiveness_but_not_composition():
+    r = _run(LazyModel())
+    assert r["test/composition/l1/1"] == 0.0  # composition alone cannot tell: why effectiveness exists
+    assert r["test/effectiveness/do_b/b"] == 0.0  # every flip missed
+    # do(c) draws a value from another bin: every error is at least the 0.51 between neighbouring values
+    assert r["test/effectiveness/do_c/c"] >= 0.5
+    assert r["test/true_cf/do_b/mse"] > 0
+
+
+def test_interventions_must_be_parents_and_embedding_needs_predictors():
+    with pytest.raises(ValueError, match="uses the predictors' features"):
+        CounterfactualMetrics(distances=("embedding",))
+    callback = CounterfactualMetrics(intervene=["smile"])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"intervene lists \['smile'\]"):
+        trainer.test(WritingModel(), datamodule=PixelParentsData(), verbose=False)
