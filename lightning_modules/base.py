@@ -14,11 +14,32 @@ Images are in [0, 1] as in the data contract (``datamodules.base``). Methods tha
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Inside: every submodule of ``modules`` in eval mode and autograd off; on exit each submodule's
+    ``training`` flag is restored exactly (a partly frozen model comes back partly frozen).
+
+    Every evaluation network (predictors, VAE, feature extractors, distances) runs under it: left in training
+    mode (the reference code's behaviour) they would normalise with batch statistics, update BatchNorm running
+    statistics and keep dropout on, so scores would depend on the batch.
+    """
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 class CounterfactualModule(pl.LightningModule):

@@ -44,8 +44,7 @@ DataModule's ``attributes`` when it has them.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -54,23 +53,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.base import Attribute
+from lightning_modules.base import evaluating
 from lightning_modules.networks.blocks import _plain, build_network, network_config
 from lightning_modules.networks.classifiers import MLPClassifier
 
 KINDS = ("continuous", "categorical", "binary")
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module) -> Iterator[None]:
-    """Eval mode and no_grad inside; every submodule's train flag restored on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def parent_attribute(name: str, spec: Mapping[str, Any]) -> Attribute:

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.base import evaluating
 from lightning_modules.networks.blocks import build_network, network_config
-from lightning_modules.predictors import evaluating
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 

@@ -25,7 +25,7 @@ on purpose:
   model); the standard deviation reported next to each mean (the paper's subscripts) is the population std
   over images, from float64 sums of squares.
 * The model runs in eval mode under ``no_grad`` and its ``training`` flags are restored; the distances'
-  networks likewise (:func:`~callbacks.metrics.distances.evaluating`).
+  networks likewise (:func:`~lightning_modules.base.evaluating`).
 
 Reversibility with the image-mechanism contract: parents downstream of an intervened parent are not recomputed;
 if a model's intervention also changes other parents (e.g. do(thickness) changes intensity in MorphoMNIST),
@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from callbacks.metrics.distances import PixelL1, evaluating
+from callbacks.metrics.distances import PixelL1
+from lightning_modules.base import evaluating
 
 __all__ = [
     "Composition",

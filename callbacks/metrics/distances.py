@@ -29,15 +29,16 @@ benchmark's VGG embedding was left in train mode, with dropout active on fc7), a
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import lpips
 import torch
 import torchvision
 from torch import Tensor, nn
+
+from lightning_modules.base import evaluating
 
 __all__ = [
     "HUB_WEIGHTS",
@@ -66,21 +67,6 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class PretrainedWeightsMissing(FileNotFoundError):
     """A pretrained weights file is not in torch hub's cache; the message says which file, where and from where."""
-
-
-@contextlib.contextmanager
-def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """Inside: every submodule of ``modules`` in eval mode and autograd off; on exit each ``training`` flag is
-    restored exactly (per submodule, so a model that was partly frozen comes back partly frozen)."""
-    saved = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def hub_checkpoint_path(filename: str) -> Path:

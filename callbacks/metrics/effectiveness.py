@@ -26,8 +26,7 @@ intensity, ``datamodules.synthetic.morphomnist.oracle_measure``), reported as MA
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from datamodules.base import Attribute
+from lightning_modules.base import evaluating
 
 __all__ = [
     "Effectiveness",
@@ -132,24 +132,6 @@ def effectiveness_score(preds: Tensor, target: Tensor, attribute: Attribute) -> 
 
 
 # -- predictors -------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; every submodule's ``training`` flag restored on exit.
-
-    Predictors left in training mode (the reference code's behaviour) normalise with batch statistics, update
-    BatchNorm running statistics and keep dropout on, so the score depends on the batch size and composition.
-    """
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 @dataclass
 class Predictor:
     """An anti-causal predictor ``g_θ^i`` of one parent, with the conventions the metric needs.

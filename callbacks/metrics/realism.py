@@ -46,6 +46,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from lightning_modules.base import evaluating
+
 __all__ = [
     "FID",
     "FID_WEIGHTS_FILE",
@@ -189,14 +191,8 @@ def kid_subsets(
 # -- feature extractors -----------------------------------------------------------------------------------
 def frozen_forward(module: nn.Module, inputs: Tensor) -> Tensor:
     """``module(inputs)`` in eval mode under ``no_grad``, restoring every submodule's train/eval flag."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            return module(inputs)
-    finally:
-        for m, training in flags:
-            m.training = training
+    with evaluating(module):
+        return module(inputs)
 
 
 def fid_weights_path() -> str:
