@@ -96,7 +96,8 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor, e
     except torch.linalg.LinAlgError:
         offset = eps * torch.eye(sigma1.shape[0], dtype=torch.float64, device=sigma1.device)
         tr_covmean = _trace_sqrt_product(sigma1 + offset, sigma2 + offset)
-    return diff.dot(diff) + sigma1.trace() + sigma2.trace() - 2 * tr_covmean
+    # the distance is >= 0; rounding of identical sets can leave -1e-12, which would print as "-0.0000"
+    return (diff.dot(diff) + sigma1.trace() + sigma2.trace() - 2 * tr_covmean).clamp_min(0.0)
 
 
 def _trace_sqrt_product(sigma1: Tensor, sigma2: Tensor) -> Tensor:
