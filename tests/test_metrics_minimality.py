@@ -165,7 +165,7 @@ def shard_list(batches: list, rank: int, world_size: int) -> list:
     return [batches[i] for i in shard(torch.arange(len(batches)), rank, world_size).tolist()]
 
 
-@pytest.mark.slow
+# In the default suite (about 20 s): CI must keep checking that every metric is the same on 1 and 2 processes.
 def test_effectiveness_and_cld_are_the_same_on_two_processes() -> None:
     cld_batches, eff_batches = _random_set(45, seed=3), _effectiveness_batches(23)  # 7 and 5 batches: uneven
     single = _both_metrics(0, 1, cld_batches, eff_batches)
