@@ -35,6 +35,7 @@ untouched (:func:`callbacks.editing_metrics.evaluation_mode`).
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -84,6 +85,8 @@ class CounterfactualMetrics(pl.Callback):
     :param fid: ``None``, ``"fid_domain"`` (the predictors' features) or ``"fid_inception"``.
     :param fid_real: ``"train"`` (published: the training split; ``fid_real_batches`` caps it) or ``"eval"``.
     :param morphometric: also measure thickness and intensity of x* (MorphoMNIST only).
+    :param per_sample_csv: in test, also write ``per_sample.csv`` (dataset index, composition and reversibility
+        per image) into the run directory (``trainer.default_root_dir``); memory grows with the test set.
     :param cld_weights: (w1, w2) of eq. 9.
     :param every_n_epochs, limit_val_batches: the cheap validation subset; test always uses the whole split.
     :param seed: seeds the interventions and the model's evaluation noise.
@@ -103,6 +106,7 @@ class CounterfactualMetrics(pl.Callback):
         fid_real_batches: int | None = None,
         morphometric: bool = False,
         true_counterfactuals: bool = True,
+        per_sample_csv: bool = True,
         cld_weights: Sequence[float] = (0.8, 0.2),
         every_n_epochs: int = 1,
         limit_val_batches: int | None = None,
@@ -127,6 +131,7 @@ class CounterfactualMetrics(pl.Callback):
         self.distance_names = tuple(distances)
         self.fid, self.fid_real, self.fid_real_batches = fid, fid_real, fid_real_batches
         self.morphometric, self.true_counterfactuals = morphometric, true_counterfactuals
+        self.per_sample_csv = per_sample_csv
         self.cld_weights = tuple(float(w) for w in cld_weights)
         self.every_n_epochs, self.limit_val_batches, self.seed = every_n_epochs, limit_val_batches, seed
         self._predictors = predictors if isinstance(predictors, nn.Module) or predictors is None else _load(
@@ -167,7 +172,7 @@ class CounterfactualMetrics(pl.Callback):
             self._skip("true_cf", f"{type(datamodule).__name__} renders no ground truth (or it is disabled): "
                                   "no true-counterfactual error")
         if not self._metrics:
-            self._metrics = {s: self._build_metrics() for s in STAGES}
+            self._metrics = {s: self._build_metrics(keep=self.per_sample_csv and s == "test") for s in STAGES}
 
     def _distances(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -180,11 +185,11 @@ class CounterfactualMetrics(pl.Callback):
                 out[name] = EmbeddingL1(_Features(self._predictors))
         return out
 
-    def _build_metrics(self) -> nn.ModuleDict:
+    def _build_metrics(self, keep: bool) -> nn.ModuleDict:
         distances = self._distances()
-        m: dict[str, nn.Module] = {"composition": Composition(distances, self.composition_m)}
+        m: dict[str, nn.Module] = {"composition": Composition(distances, self.composition_m, keep_per_sample=keep)}
         for t in self._targets:
-            m[f"reversibility/{t}"] = Reversibility(distances)
+            m[f"reversibility/{t}"] = Reversibility(distances, keep_per_sample=keep)
             if self._truth:
                 m[f"true_cf/{t}"] = TrueCounterfactualError()
         if self._predictors is not None:
@@ -283,7 +288,8 @@ class CounterfactualMetrics(pl.Callback):
         seed = self.seed + 1_000_003 * trainer.global_rank + batch_idx
         generator = torch.Generator().manual_seed(seed)
         with evaluation_mode(pl_module, seed):
-            m["composition"].update(pl_module, x, pa)
+            index = batch.get("index")
+            m["composition"].update(pl_module, x, pa, index)
             fid_target = self._targets[batch_idx % len(self._targets)]
             for target in self._targets:
                 draw = single_parent(self._attributes, {k: v.cpu() for k, v in pa.items()}, target, generator,
@@ -291,7 +297,7 @@ class CounterfactualMetrics(pl.Callback):
                 do = {k: v.to(x.device) for k, v in draw.values.items()}
                 cf_pa = self._cf_parents(pl_module, pa, do)
                 x_cf = pl_module.counterfactual(x, pa, do)
-                m[f"reversibility/{target}"].update(pl_module, x, pa, cf_pa)
+                m[f"reversibility/{target}"].update(pl_module, x, pa, cf_pa, index)
                 if "effectiveness" in m:
                     m["effectiveness"].update(self._predictors.predict_parents(x_cf, cf_pa), cf_pa, target)
                 if "morpho_effectiveness" in m:
@@ -351,7 +357,30 @@ class CounterfactualMetrics(pl.Callback):
             values[key] = value
             pl_module.log(key, value, sync_dist=False)
         self.results[stage] = values
+        if stage == "test" and self.per_sample_csv:
+            self._write_per_sample(pl_module.trainer, m)
         return values
+
+    def _write_per_sample(self, trainer: pl.Trainer, m: nn.ModuleDict) -> None:
+        """``per_sample.csv``: one row per test image (by dataset index), one column per per-image value."""
+        columns: dict[str, dict[int, float]] = {}
+        sources = [("composition", m["composition"])] + [(f"reversibility/{t}", m[f"reversibility/{t}"])
+                                                         for t in self._targets]
+        for prefix, metric in sources:
+            values = metric.per_sample()  # collective under DDP: every process takes part
+            index = values.pop("index").tolist()
+            for key, column in values.items():
+                columns[f"{prefix}/{key}"] = dict(zip(index, column.tolist(), strict=True))
+        if trainer.global_rank != 0:
+            return
+        path = Path(trainer.default_root_dir) / "per_sample.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = sorted(set().union(*(c.keys() for c in columns.values())))
+        with open(path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["index", *columns])
+            for i in rows:
+                writer.writerow([i, *(f"{c[i]:.6g}" if i in c else "" for c in columns.values())])
 
 
 class _Features(nn.Module):

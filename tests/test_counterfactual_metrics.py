@@ -136,3 +136,16 @@ def test_interventions_must_be_parents_and_embedding_needs_predictors():
                          enable_model_summary=False)
     with pytest.raises(ValueError, match=r"intervene lists \['smile'\]"):
         trainer.test(WritingModel(), datamodule=PixelParentsData(), verbose=False)
+
+
+def test_per_sample_csv_has_one_row_per_test_image(tmp_path):
+    import csv
+
+    callback = CounterfactualMetrics(composition_m=(1,))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.test(LazyModel(), datamodule=PixelParentsData(), verbose=False)
+    rows = list(csv.DictReader(open(tmp_path / "per_sample.csv")))
+    assert [int(r["index"]) for r in rows] == list(range(N))
+    assert set(rows[0]) == {"index", "composition/l1/1", "reversibility/b/l1", "reversibility/c/l1"}
+    assert all(float(r["composition/l1/1"]) == 0.0 for r in rows)
