@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 EXP ?=
 ARGS ?=
 CKPT ?=
+SEEDS ?= 1
 SWEEP ?= configs/sweep/ifcvae_grid.yaml
 
 # glibc's default mmap threshold makes CPU training steps bimodal from process to process (see
@@ -31,9 +32,9 @@ train: $(STAMP) ## Train an experiment: make train EXP=ifcvae_smiling ARGS="mode
 	@test -n "$(EXP)" || { echo "usage: make train EXP=<experiment> [ARGS=\"key=value ...\"]"; $(BIN)/python -m experiments --help; exit 2; }
 	$(BIN)/python -m experiments $(EXP) $(ARGS)
 
-eval: $(STAMP) ## Evaluate a checkpoint on the test split: make eval EXP=ifcvae_smiling CKPT=runs/.../last.ckpt
-	@test -n "$(EXP)" -a -n "$(CKPT)" || { echo "usage: make eval EXP=<experiment> CKPT=<checkpoint> [ARGS=...]"; exit 2; }
-	$(BIN)/python -m experiments.evaluate $(EXP) $(CKPT) $(ARGS)
+eval: $(STAMP) ## Evaluate a checkpoint on the test split: make eval EXP=ifcvae_smiling CKPT=runs/.../last.ckpt [SEEDS=3]
+	@test -n "$(EXP)" -a -n "$(CKPT)" || { echo "usage: make eval EXP=<experiment> CKPT=<checkpoint> [SEEDS=n] [ARGS=...]"; exit 2; }
+	$(BIN)/python -m experiments.evaluate $(EXP) $(CKPT) --seeds $(SEEDS) $(ARGS)
 
 sweep: $(STAMP) ## Run a W&B sweep spec (online with credentials, else locally): make sweep SWEEP=configs/sweep/ifcvae_grid.yaml
 	$(BIN)/python -m experiments.sweep $(SWEEP) $(ARGS)

@@ -1,12 +1,19 @@
-"""Evaluate a checkpoint on the test split: ``python -m experiments.evaluate NAME CKPT [key=value ...]``.
+"""Evaluate a checkpoint on the test split: ``python -m experiments.evaluate NAME CKPT [--seeds N] [key=value ...]``.
 
 Composes experiment NAME (with overrides), loads the weights of CKPT, runs the experiment's metric callbacks on
-the whole test split and writes ``metrics.json``, ``metrics.md`` and the image grids into a new run directory
-``<runs_dir>/<NAME>/eval-<time>/``; the same numbers go to the configured logger.
+the whole test split and writes ``metrics.json``, ``metrics.md``, ``per_sample.csv`` and the image grids into a
+new run directory ``<runs_dir>/<NAME>/eval-<time>/``; the same numbers go to the configured logger.
+
+With ``--seeds N`` (``make eval SEEDS=N``) the evaluation runs N times with ``eval_seed`` = seed, seed + 1, ...
+(the interventions drawn and the model's noise change; the data and the weights do not), each into
+``eval-<time>-s<eval_seed>/``, and ``eval-<time>/metrics.json`` holds every metric's mean, its standard
+deviation over the seeds (ddof = 1) and the per-seed values.
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,13 +40,63 @@ def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | No
         return report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})
 
 
+def evaluate_seeds(name: str, ckpt: str, overrides: list[str], seeds: int) -> dict[str, dict[str, float | None]]:
+    """``evaluate`` with ``eval_seed`` = base, base + 1, ...; writes the aggregate; returns {key: {mean, std}}."""
+    if seeds < 1:
+        raise ConfigError(f"SEEDS must be >= 1, got {seeds}")
+    if seeds == 1:
+        return {k: {"mean": v, "std": None} for k, v in evaluate(name, ckpt, overrides).items()}
+    cfg = compose(name, overrides)
+    run_id = cfg.run_id or "eval-" + time.strftime("%Y%m%d-%H%M%S")
+    base = int(cfg.eval_seed)
+    per_seed: dict[str, list[float | None]] = {}
+    for k in range(seeds):
+        metrics = evaluate(name, ckpt, [*overrides, f"eval_seed={base + k}", f"run_id={run_id}-s{base + k}"])
+        for key in metrics.keys() | per_seed.keys():
+            per_seed.setdefault(key, [None] * k).append(metrics.get(key))
+    summary = {key: _mean_std(values) for key, values in per_seed.items()}
+    run_dir = Path(cfg.paths.runs_dir) / name / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"experiment": name, "run_id": run_id, "checkpoint": str(Path(ckpt).resolve()),
+               "eval_seeds": [base + k for k in range(seeds)], "std_ddof": 1,
+               "metrics": {k: v["mean"] for k, v in summary.items()}, "std": {k: v["std"] for k, v in summary.items()},
+               "per_seed": per_seed}
+    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    rows = ["| metric | mean | std |", "|---|---|---|"] + [
+        f"| {k} | {_fmt(v['mean'])} | {_fmt(v['std'])} |" for k, v in sorted(summary.items())]
+    (run_dir / "metrics.md").write_text("\n".join(rows) + "\n")
+    print(f"\n{name}: {seeds} evaluation seeds ({run_dir})\n" + "\n".join(rows))
+    return summary
+
+
+def _mean_std(values: list[float | None]) -> dict[str, float | None]:
+    finite = [v for v in values if v is not None]
+    if not finite:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else None}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m experiments.evaluate NAME CKPT [key=value ...]")
+        print("usage: python -m experiments.evaluate NAME CKPT [--seeds N] [key=value ...]")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    seeds = 1
+    rest = argv[2:]
+    if "--seeds" in rest:
+        i = rest.index("--seeds")
+        try:
+            seeds = int(rest[i + 1])
+        except (IndexError, ValueError):
+            print("error: --seeds needs a whole number, e.g. --seeds 3", file=sys.stderr)
+            return 2
+        rest = rest[:i] + rest[i + 2:]
     try:
-        evaluate(argv[0], argv[1], argv[2:])
+        evaluate_seeds(argv[0], argv[1], rest, seeds)
     except (ConfigError, DatasetError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -82,7 +82,23 @@ def test_make_eval_evaluates_a_checkpoint_into_its_own_run(workspace, oracle_run
     assert payload["checkpoint"] == str(ckpt.resolve()) and payload["n_test_samples"] == 16
     assert payload["metrics"]["test/n_images"] == 16 and "test/edit/Smiling/C_neg_paper" in payload["metrics"]
     assert (eval_dir / "images" / "test_cf_grid.png").is_file()
+    assert (eval_dir / "per_sample.csv").is_file()
     assert evaluate_main([name, str(workspace / "nope.ckpt"), *args]) == 2
+
+    # SEEDS=2: one run per evaluation seed, then mean and std (ddof 1) of every metric over them
+    assert evaluate_main([name, str(ckpt), "--seeds", "2", *args, "run_id=eval-seeds", "eval_seed=5"]) == 0
+    runs = [json.loads((workspace / "runs" / name / f"eval-seeds-s{s}" / "metrics.json").read_text())["metrics"]
+            for s in (5, 6)]
+    summary = json.loads((workspace / "runs" / name / "eval-seeds" / "metrics.json").read_text())
+    assert summary["eval_seeds"] == [5, 6]
+    key = "test/reversibility/Smiling/l1"
+    values = [r[key] for r in runs]
+    assert summary["per_seed"][key] == values
+    assert summary["metrics"][key] == pytest.approx(sum(values) / 2)
+    assert summary["std"][key] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    # the model's weights and the data do not depend on the evaluation seed
+    assert runs[0]["test/mse"] == runs[1]["test/mse"]
+    assert evaluate_main([name, str(ckpt), "--seeds", "x", *args]) == 2
 
 
 def _state(ckpt: Path) -> dict:
