@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     dm = MorphoMNISTDataModule(str(args.root), layout="t10k_only", t10k_split=(0, 0, 10000), batch_size=256)
     callback = CounterfactualMetrics(intervene=["thickness", "intensity"], distances=("l1", "embedding"),
                                      predictors=predictors, vae=vae, fid="fid_domain", fid_real="eval",
-                                     morphometric=True)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback],
-                         enable_model_summary=False, enable_checkpointing=False)
+                                     morphometric=True, per_sample_csv=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=tempfile.mkdtemp(prefix="cf-suite-"))
     start = time.perf_counter()
     trainer.test(CopyModel(), datamodule=dm, verbose=False)
     t_suite = time.perf_counter() - start

@@ -96,19 +96,19 @@ class PixelVAE(nn.Module):
         return x.flatten(1), torch.zeros_like(x.flatten(1))
 
 
-def _run(model: CounterfactualModule, **kwargs) -> dict[str, float]:
+def _run(model: CounterfactualModule, root, **kwargs) -> dict[str, float]:
     callback = CounterfactualMetrics(predictors=ReadingPredictors(), vae=PixelVAE(), composition_m=(1, 3),
                                      distances=("l1", "embedding"), fid="fid_domain", fid_real="eval", **kwargs)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False)
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)
     trainer.test(model, datamodule=PixelParentsData(), verbose=False)
     return callback.results["test"]
 
 
-def test_an_exact_model_scores_perfectly():
+def test_an_exact_model_scores_perfectly(tmp_path):
     model = WritingModel()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    r = _run(model)
+    r = _run(model, tmp_path)
     for key in ("composition/l1/1", "composition/l1/3", "composition/embedding/3", "reversibility/b/l1",
                 "reversibility/c/l1", "true_cf/do_b/mse", "true_cf/do_c/l1"):
         assert r[f"test/{key}"] == pytest.approx(0.0, abs=1e-4), key
@@ -119,8 +119,8 @@ def test_an_exact_model_scores_perfectly():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_model_that_ignores_interventions_fails_effectiveness_but_not_composition():
-    r = _run(LazyModel())
+def test_a_model_that_ignores_interventions_fails_effectiveness_but_not_composition(tmp_path):
+    r = _run(LazyModel(), tmp_path)
     assert r["test/composition/l1/1"] == 0.0  # composition alone cannot tell: why effectiveness exists
     assert r["test/effectiveness/do_b/b"] == 0.0  # every flip missed
     # do(c) draws a value from another bin: every error is at least the 0.51 between neighbouring values
@@ -128,12 +128,12 @@ def test_a_model_that_ignores_interventions_fails_effectiveness_but_not_composit
     assert r["test/true_cf/do_b/mse"] > 0
 
 
-def test_interventions_must_be_parents_and_embedding_needs_predictors():
+def test_interventions_must_be_parents_and_embedding_needs_predictors(tmp_path):
     with pytest.raises(ValueError, match="uses the predictors' features"):
         CounterfactualMetrics(distances=("embedding",))
     callback = CounterfactualMetrics(intervene=["smile"])
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
-                         enable_model_summary=False)
+                         enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(ValueError, match=r"intervene lists \['smile'\]"):
         trainer.test(WritingModel(), datamodule=PixelParentsData(), verbose=False)
 
