@@ -48,6 +48,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from callbacks.editing_metrics import evaluation_mode
+from callbacks.image_grids import counterfactual_grid
+from callbacks.logging_utils import log_image, save_png
 from callbacks.metrics.composition import Composition, Reversibility
 from callbacks.metrics.distances import EmbeddingL1, LPIPSDistance, PixelL1
 from callbacks.metrics.editing import TrueCounterfactualError
@@ -373,6 +375,7 @@ class CounterfactualMetrics(pl.Callback):
                 columns[f"{prefix}/{key}"] = dict(zip(index, column.tolist(), strict=True))
         if trainer.global_rank != 0:
             return
+        self._composition_grid(trainer, columns)
         path = Path(trainer.default_root_dir) / "per_sample.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = sorted(set().union(*(c.keys() for c in columns.values())))
@@ -381,6 +384,31 @@ class CounterfactualMetrics(pl.Callback):
             writer.writerow(["index", *columns])
             for i in rows:
                 writer.writerow([i, *(f"{c[i]:.6g}" if i in c else "" for c in columns.values())])
+
+
+    def _composition_grid(self, trainer: pl.Trainer, columns: Mapping[str, Mapping[int, float]]) -> None:
+        """``images/test_composition_best_median_worst.png``: the test images with the lowest, median and highest
+        composition^m (first distance, largest m); columns x | f^1(x) | f^m(x) | 4 * |x - f^m(x)|."""
+        m_max = max(self.composition_m)
+        key = f"composition/{next(iter(self._distances()))}/{m_max}"
+        if key not in columns or not columns[key]:
+            return
+        ranked = sorted(columns[key], key=lambda i: (columns[key][i], i))
+        chosen = [ranked[0], ranked[len(ranked) // 2], ranked[-1]]
+        dataset = trainer.datamodule.dataset("test")
+        position = {int(r): p for p, r in enumerate(torch.as_tensor(dataset.rows).tolist())}
+        items = [dataset[position[i]] for i in chosen]
+        pl_module = trainer.lightning_module
+        x = torch.stack([it["x"] for it in items]).to(pl_module.device)
+        pa = {n: torch.stack([it["pa"][n] for it in items]).to(pl_module.device) for n in items[0]["pa"]}
+        with evaluation_mode(pl_module, self.seed):
+            chain = [x]
+            for _ in range(m_max):
+                chain.append(pl_module.counterfactual(chain[-1], pa, {}))
+        grid = counterfactual_grid([x, chain[1], chain[-1], (4 * (x - chain[-1]).abs()).clamp(0, 1)])
+        name = "test_composition_best_median_worst"
+        save_png(grid, Path(trainer.default_root_dir) / "images" / f"{name}.png")
+        log_image(trainer, f"test/{name}", grid)
 
 
 class _Features(nn.Module):

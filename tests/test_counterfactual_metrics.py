@@ -149,3 +149,4 @@ def test_per_sample_csv_has_one_row_per_test_image(tmp_path):
     assert [int(r["index"]) for r in rows] == list(range(N))
     assert set(rows[0]) == {"index", "composition/l1/1", "reversibility/b/l1", "reversibility/c/l1"}
     assert all(float(r["composition/l1/1"]) == 0.0 for r in rows)
+    assert (tmp_path / "images" / "test_composition_best_median_worst.png").is_file()
