@@ -30,6 +30,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 AttributeKind = Literal["binary", "continuous", "categorical"]
 SPLIT_NAMES = ("train", "val", "test")
@@ -258,6 +259,28 @@ class CounterfactualDataModule(pl.LightningDataModule):
         return self._datasets[split]
 
     # -- loaders ---------------------------------------------------------------------------------------
+
+    # -- in-memory cache of decoded images ---------------------------------------------------------------
+
+    def cache_decoded(self, dataset: Any, split: str, item_shape: Sequence[int], label: str) -> bool:
+        """Decode ``dataset``'s images once (``dataset.load_uint8(i)``, in parallel over ``num_workers``) into
+        ``dataset.cache``, a uint8 tensor [N, *item_shape], if the mode allows it: ``self.cache`` is
+        ``"always"``, or ``"auto"`` and the split fits in what is left of ``self.cache_max_bytes`` (a budget
+        shared by all splits). Returns whether it cached."""
+        nbytes = len(dataset) * int(np.prod(item_shape))
+        used = getattr(self, "_cached_bytes", 0)
+        if not (self.cache == "always" or (self.cache == "auto" and used + nbytes <= self.cache_max_bytes)):
+            return False
+        cache = torch.empty((len(dataset), *item_shape), dtype=torch.uint8)
+        loader = DataLoader(DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
+        pos = 0
+        # Below this many images the cache fills in well under a second; a progress bar would only be noise.
+        for batch in tqdm(loader, desc=f"Caching {label} {split} images", unit="batch", disable=len(dataset) < 2000):
+            cache[pos:pos + len(batch)] = batch.reshape(len(batch), *item_shape)
+            pos += len(batch)
+        dataset.cache = cache
+        self._cached_bytes = used + nbytes
+        return True
 
     def train_sampler_weights(self) -> torch.Tensor | None:
         """Per-example draw weights for the train loader (``None``: a plain seeded shuffle)."""

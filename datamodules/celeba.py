@@ -40,10 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from datamodules.base import Attribute, CounterfactualDataModule, DatasetError, DecodedImages, check_name
+from datamodules.base import Attribute, CounterfactualDataModule, DatasetError, check_name
 from datamodules.celeba_format import (
     ATTR_FILE,
     CELEBA_ATTRIBUTES,
@@ -57,8 +56,6 @@ from datamodules.celeba_format import (
 
 _CACHE_MODES = ("auto", "always", "never")
 _SPLIT_MODES = ("official", "random")
-# Below this many images the cache fills in well under a second; a progress bar would only be noise.
-_PROGRESS_MIN_IMAGES = 2000
 
 
 def preprocess(img: Image.Image, image_size: int, crop_size: int | None) -> np.ndarray:
@@ -341,21 +338,8 @@ class CelebADataModule(CounterfactualDataModule):
             if self.crop_size > min(w, h):
                 raise ValueError(f"crop_size={self.crop_size} is larger than the {w}x{h} images in {image_dir}; "
                                  f"set crop_size=null (or smaller) for this data")
-        nbytes = len(dataset) * 3 * self.image_size**2
-        if self.cache == "always" or (self.cache == "auto" and self._cached_bytes + nbytes <= self.cache_max_bytes):
-            self._fill_cache(dataset, split)
-            self._cached_bytes += nbytes
+        self.cache_decoded(dataset, split, (self.image_size, self.image_size, 3), "CelebA")
         return dataset
-
-    def _fill_cache(self, dataset: CelebADataset, split: str) -> None:
-        cache = torch.empty((len(dataset), self.image_size, self.image_size, 3), dtype=torch.uint8)
-        loader = DataLoader(DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
-        pos = 0
-        for batch in tqdm(loader, desc=f"Caching CelebA {split} images", unit="batch",
-                          disable=len(dataset) < _PROGRESS_MIN_IMAGES):
-            cache[pos:pos + len(batch)] = batch
-            pos += len(batch)
-        dataset.cache = cache
 
     def train_sampler_weights(self) -> torch.Tensor | None:
         if self.balance_attribute is None:

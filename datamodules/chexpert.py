@@ -64,14 +64,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from datamodules.base import (
     Attribute,
     CounterfactualDataModule,
     DatasetError,
-    DecodedImages,
     check_name,
     equal_width_bins,
     require_columns,
@@ -102,7 +100,6 @@ HOW_TO_GET_CHEXPERT = (
 _CACHE_MODES = ("auto", "always", "never")
 _SPLIT_MODES = ("official", "random")
 _PATIENT = re.compile(r"(?:^|/)patient(\d+)(?:/|$)")
-_PROGRESS_MIN_IMAGES = 2000
 
 
 # ------------------------------------------------------------------------------------------------ CSV format
@@ -595,21 +592,8 @@ class CheXpertDataModule(CounterfactualDataModule):
                                f"or regenerate the phantom. {HOW_TO_GET_CHEXPERT}")
         dataset = CheXpertDataset(files, [meta.csv_names[r] for r in rows], rows, self.parent_values(rows),
                                   self.attributes, self.image_size, self.center_crop)
-        nbytes = len(dataset) * self.image_size**2
-        if self.cache == "always" or (self.cache == "auto" and self._cached_bytes + nbytes <= self.cache_max_bytes):
-            self._fill_cache(dataset, split)
-            self._cached_bytes += nbytes
+        self.cache_decoded(dataset, split, (1, self.image_size, self.image_size), "CheXpert")
         return dataset
-
-    def _fill_cache(self, dataset: CheXpertDataset, split: str) -> None:
-        cache = torch.empty((len(dataset), 1, self.image_size, self.image_size), dtype=torch.uint8)
-        loader = DataLoader(DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
-        pos = 0
-        for batch in tqdm(loader, desc=f"Caching CheXpert {split} images", unit="batch",
-                          disable=len(dataset) < _PROGRESS_MIN_IMAGES):
-            cache[pos:pos + len(batch), 0] = batch
-            pos += len(batch)
-        dataset.cache = cache
 
     def train_sampler_weights(self) -> torch.Tensor | None:
         if self.balance_attribute is None:
