@@ -43,11 +43,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
-from callbacks.editing_metrics import evaluation_mode
+from callbacks.editing_metrics import StagedEvaluation, evaluation_mode
 from callbacks.image_grids import counterfactual_grid
 from callbacks.logging_utils import log_image, save_png
 from callbacks.metrics.composition import Composition, Reversibility
@@ -74,7 +72,7 @@ def _load(path: str | os.PathLike, cls_path: str, experiment: str) -> nn.Module:
     return cls.load_from_checkpoint(path, map_location="cpu")
 
 
-class CounterfactualMetrics(pl.Callback):
+class CounterfactualMetrics(StagedEvaluation):
     """Composition, reversibility, effectiveness, minimality, realism and ground truth, per intervened parent.
 
     :param intervene: parents to intervene on one at a time (default: every parent of the DataModule).
@@ -210,18 +208,6 @@ class CounterfactualMetrics(pl.Callback):
             m["fid"] = FID("fid_inception")
         return nn.ModuleDict(m)
 
-    def _skip(self, group: str, reason: str) -> None:
-        if self.skipped.get(group) != reason:
-            self.skipped[group] = reason
-            rank_zero_info(f"[{type(self).__name__}] {reason}")
-
-    def _active(self, trainer: pl.Trainer, stage: str) -> bool:
-        if stage == "test":
-            return True
-        if trainer.sanity_checking:
-            return False
-        return trainer.state.fn != TrainerFn.FITTING or (trainer.current_epoch + 1) % self.every_n_epochs == 0
-
     def _split_pools(self, trainer: pl.Trainer, stage: str) -> dict[str, Tensor]:
         """Values of the continuous parents over the evaluated split, the pool interventions draw from."""
         continuous = [a.name for a in self._attributes if a.kind == "continuous"]
@@ -293,6 +279,7 @@ class CounterfactualMetrics(pl.Callback):
             index = batch.get("index")
             m["composition"].update(pl_module, x, pa, index)
             fid_target = self._targets[batch_idx % len(self._targets)]
+            fact = None
             for target in self._targets:
                 draw = single_parent(self._attributes, {k: v.cpu() for k, v in pa.items()}, target, generator,
                                      self._pools)
@@ -308,8 +295,8 @@ class CounterfactualMetrics(pl.Callback):
                     measured = dict(zip(("thickness", "intensity"), oracle_measure(x_cf), strict=True))
                     m["morpho_effectiveness"].update(measured, cf_pa, target)
                 if "cld" in m:
-                    fact, cf = self._vae.posterior(x), self._vae.posterior(x_cf)
-                    m["cld"].update(*fact, *cf, pa, cf_pa, target)
+                    fact = fact if fact is not None else self._vae.posterior(x)  # once per batch, not per parent
+                    m["cld"].update(*fact, *self._vae.posterior(x_cf), pa, cf_pa, target)
                 if "fid" in m and target == fid_target:
                     m["fid"].update(x_cf, real=False)
                 if f"true_cf/{target}" in m:
@@ -390,7 +377,8 @@ class CounterfactualMetrics(pl.Callback):
         """``images/test_composition_best_median_worst.png``: the test images with the lowest, median and highest
         composition^m (first distance, largest m); columns x | f^1(x) | f^m(x) | 4 * |x - f^m(x)|."""
         m_max = max(self.composition_m)
-        key = f"composition/{next(iter(self._distances()))}/{m_max}"
+        first = self.distance_names[0]
+        key = f"composition/{'lpips' if first.startswith('lpips_') else first}/{m_max}"
         if key not in columns or not columns[key]:
             return
         ranked = sorted(columns[key], key=lambda i: (columns[key][i], i))

@@ -65,7 +65,7 @@ from torchmetrics.classification import BinaryAccuracy
 from callbacks.metrics.editing import EditSuccessRate, ReconstructionMSE, TrueCounterfactualError
 from lightning_modules.base import CounterfactualModule
 
-__all__ = ["AttributeEditingMetrics", "evaluation_mode", "load_oracle"]
+__all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_oracle"]
 
 STAGES = ("val", "test")
 
@@ -109,7 +109,27 @@ def _implements_own_classifier(pl_module: pl.LightningModule) -> bool:
     return method is not None and method is not CounterfactualModule.predict_attributes
 
 
-class AttributeEditingMetrics(pl.Callback):
+class StagedEvaluation(pl.Callback):
+    """What every metric callback shares: when to run (test always; validation every ``every_n_epochs``
+    epochs of ``fit``, never in the sanity check) and skipped metric groups reported once each."""
+
+    every_n_epochs: int = 1
+    skipped: dict[str, str]
+
+    def _skip(self, group: str, reason: str) -> None:
+        if self.skipped.get(group) != reason:
+            self.skipped[group] = reason
+            rank_zero_info(f"[{type(self).__name__}] {reason}")
+
+    def _active(self, trainer: pl.Trainer, stage: str) -> bool:
+        if stage == "test":
+            return True
+        if trainer.sanity_checking:
+            return False
+        return trainer.state.fn != TrainerFn.FITTING or (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+
+class AttributeEditingMetrics(StagedEvaluation):
     """Reconstruction MSE, edit success rates Ĉ, classifier accuracies and true-counterfactual error.
 
     :param attribute: the binary attribute to edit (a parent name of the model and DataModule).
@@ -238,18 +258,6 @@ class AttributeEditingMetrics(pl.Callback):
             self._skip("true_cf", f"{name} has no ground-truth counterfactuals: no true-counterfactual error")
             return False
         return True
-
-    def _skip(self, group: str, reason: str) -> None:
-        if self.skipped.get(group) != reason:
-            self.skipped[group] = reason
-            rank_zero_info(f"[{type(self).__name__}] {reason}")
-
-    def _active(self, trainer: pl.Trainer, stage: str) -> bool:
-        if stage == "test":
-            return True
-        if trainer.sanity_checking:
-            return False
-        return trainer.state.fn != TrainerFn.FITTING or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _start(self, stage: str, pl_module: pl.LightningModule) -> None:
         # Moved here rather than in setup: Lightning moves the model to its device only after the setup hooks.
