@@ -109,6 +109,45 @@ class Attribute:
         return torch.bucketize(torch.as_tensor(raw, dtype=torch.float32), edges, right=True)
 
 
+def parent_attribute(name: str, spec: Mapping[str, Any]) -> Attribute:
+    """The ``Attribute`` of one entry of a config's ``parents`` spec (``{kind, num_classes, low, high}``); a
+    continuous parent without ``low``/``high`` is taken as already normalised (low=-1, high=1), so that
+    denormalising is the identity."""
+    kind = str(spec.get("kind", "binary"))
+    if kind == "continuous":
+        low, high = spec.get("low"), spec.get("high")
+        return Attribute(
+            name, kind, low=-1.0 if low is None else float(low), high=1.0 if high is None else float(high)
+        )
+    if kind == "categorical":
+        return Attribute(name, kind, num_classes=spec.get("num_classes"))
+    return Attribute(name, kind)
+
+
+def parents_from_spec(spec: Mapping[str, Mapping[str, Any]] | Sequence[str]) -> list[Attribute]:
+    """A model config's ``parents``: a mapping name -> spec (as the data configs' ``_parents``), or a list of
+    names, all binary (CelebA's attributes)."""
+    if isinstance(spec, Mapping):
+        return [parent_attribute(str(n), s or {}) for n, s in spec.items()]
+    return [Attribute(str(n), "binary") for n in spec]
+
+
+def condition_vector(pa: Mapping[str, torch.Tensor], attributes: Sequence[Attribute]) -> torch.Tensor:
+    """Parents in batch units -> a model's conditioning vector [B, Σ dim] in ``attributes`` order (categorical
+    one-hot, the others as their value)."""
+    missing = [a.name for a in attributes if a.name not in pa]
+    if missing:
+        raise KeyError(f"the conditioning vector needs the parent(s) {missing}; pa has {sorted(pa)}")
+    cols = []
+    for a in attributes:
+        v = torch.as_tensor(pa[a.name]).reshape(-1)
+        if a.kind == "categorical":
+            cols.append(torch.nn.functional.one_hot(v.long(), int(a.num_classes)).to(torch.float32))
+        else:
+            cols.append(v.to(torch.float32)[:, None])
+    return torch.cat(cols, dim=1)
+
+
 def equal_width_bins(low: float, high: float, n: int) -> tuple[float, ...]:
     """``n`` equal-width bins over [low, high] as ``n + 1`` edges."""
     if n < 1 or not high > low:

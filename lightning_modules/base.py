@@ -10,16 +10,26 @@ Callbacks and metrics use only this interface:
 
 Images are in [0, 1] as in the data contract (``datamodules.base``). Methods that cannot abduct set
 ``can_abduct = False``; metrics that need abduction then skip them and log why.
+
+Deep structural causal models (counterfactual_benchmark §3) put an image mechanism under attribute mechanisms:
+``counterfactual_parents(pa, do)`` abducts the attributes' noise, applies ``do`` and re-runs the attribute
+mechanisms of the intervened variables' descendants (do(thickness) changes intensity), and ``counterfactual``
+predicts the image from those parents. A method gets its attribute mechanisms with :meth:`attach_scm`
+(``lightning_modules.scm.AttributeSCM``, trained by its own experiment and frozen here); without one,
+``counterfactual_parents`` is ``pa`` with ``do`` applied.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from lightning_modules.networks.blocks import network_config
 
 
 @contextlib.contextmanager
@@ -44,6 +54,38 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
 
 class CounterfactualModule(pl.LightningModule):
     can_abduct: bool = True
+    scm: nn.Module | None = None
+
+    def attach_scm(self, scm: nn.Module | Mapping[str, Any] | None, scm_checkpoint: str | None = None) -> None:
+        """Give this model attribute mechanisms: ``scm`` an ``AttributeSCM`` or its ``_target_`` config,
+        ``scm_checkpoint`` the file of a trained one (an ``AttributeMechanisms`` checkpoint, e.g.
+        ``runs/scm_morphomnist/latest/checkpoints/best.ckpt``). Call it in ``__init__`` after
+        ``save_hyperparameters``.
+
+        The mechanisms are frozen (they are trained by their own experiment) and become part of this model's
+        state, so its checkpoint alone rebuilds the whole SCM: the hyperparameters keep the SCM's config and
+        drop the checkpoint path, which ``load_from_checkpoint`` therefore does not need.
+        """
+        self.scm = None
+        if scm is not None or scm_checkpoint is not None:
+            from lightning_modules.scm import resolve_scm
+
+            self.scm = resolve_scm(scm, scm_checkpoint)
+            self.scm.requires_grad_(False)
+        self.save_hyperparameters({"scm": network_config(self.scm) if self.scm is not None else None,
+                                   "scm_checkpoint": None})
+
+    def counterfactual_parents(
+        self, pa: Mapping[str, torch.Tensor], do: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The parents after ``do``, propagated to the intervened variables' descendants when this model has
+        attribute mechanisms."""
+        unknown = set(do) - set(pa)
+        if unknown:
+            raise KeyError(f"intervention on unknown attribute(s) {sorted(unknown)}; parents are {sorted(pa)}")
+        if self.scm is None:
+            return {**pa, **do}
+        return self.scm.counterfactual_parents(pa, do)
 
     def abduct(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor]):
         raise NotImplementedError
@@ -54,10 +96,7 @@ class CounterfactualModule(pl.LightningModule):
     def counterfactual(
         self, x: torch.Tensor, pa: Mapping[str, torch.Tensor], do: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
-        unknown = set(do) - set(pa)
-        if unknown:
-            raise KeyError(f"intervention on unknown attribute(s) {sorted(unknown)}; parents are {sorted(pa)}")
-        return self.predict(self.abduct(x, pa), {**pa, **do})
+        return self.predict(self.abduct(x, pa), self.counterfactual_parents(pa, do))
 
     def reconstruct(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.predict(self.abduct(x, pa), pa)

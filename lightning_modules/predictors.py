@@ -52,26 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datamodules.base import Attribute
+from datamodules.base import Attribute, condition_vector, parent_attribute
 from lightning_modules.base import evaluating
 from lightning_modules.networks.blocks import _plain, build_network, network_config
 from lightning_modules.networks.classifiers import MLPClassifier
 
 KINDS = ("continuous", "categorical", "binary")
-
-
-def parent_attribute(name: str, spec: Mapping[str, Any]) -> Attribute:
-    """The ``Attribute`` of a parent spec; a continuous parent without ``low``/``high`` is taken as already
-    normalised (low=-1, high=1), so that denormalising is the identity."""
-    kind = str(spec.get("kind", "binary"))
-    if kind == "continuous":
-        low, high = spec.get("low"), spec.get("high")
-        return Attribute(
-            name, kind, low=-1.0 if low is None else float(low), high=1.0 if high is None else float(high)
-        )
-    if kind == "categorical":
-        return Attribute(name, kind, num_classes=spec.get("num_classes"))
-    return Attribute(name, kind)
 
 
 def _condition_width(attribute: Attribute) -> int:
@@ -80,14 +66,7 @@ def _condition_width(attribute: Attribute) -> int:
 
 def encode_conditions(values: Sequence[torch.Tensor], attributes: Sequence[Attribute]) -> torch.Tensor:
     """Condition values [B] in batch units -> the head's extra input [B, Σ widths] (categorical one-hot)."""
-    cols = []
-    for v, a in zip(values, attributes, strict=True):
-        v = torch.as_tensor(v).reshape(-1)
-        if a.kind == "categorical":
-            cols.append(F.one_hot(v.long(), int(a.num_classes)).to(torch.float32))
-        else:
-            cols.append(v.to(torch.float32)[:, None])
-    return torch.cat(cols, dim=1)
+    return condition_vector({a.name: v for v, a in zip(values, attributes, strict=True)}, attributes)
 
 
 def to_batch_units(out: torch.Tensor, attribute: Attribute) -> torch.Tensor:
