@@ -16,7 +16,7 @@ from configs.loader import ConfigError, available, compose
 from experiments.evaluate import main as evaluate_main
 from experiments.runner import main, resolve_resume, run
 from tests.helpers.celeba_layout import write_tiny_celeba
-from tests.helpers.runs import tiny_overrides
+from tests.helpers.runs import ensure_upstream_runs, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,7 @@ def test_a_full_run_writes_its_directory(oracle_run, workspace):
 @pytest.mark.parametrize("name", available("experiment"))
 def test_every_experiment_survives_fast_dev_run(name, workspace, celeba_root, oracle_run):
     args = tiny_overrides(name, workspace, celeba_root, oracle_run.best_checkpoint)
+    ensure_upstream_runs(name, workspace, celeba_root, oracle_run.best_checkpoint)
     result = run(compose(name, [*args, "trainer.fast_dev_run=true", f"run_id=fdr-{name}"]))
     assert result.metrics, "the test stage ran and logged metrics"
     if compose(name).choices.model == "ifcvae":

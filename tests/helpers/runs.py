@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import re
+
+from omegaconf import OmegaConf
+
 from configs.loader import compose
 from tests.helpers.morphomnist_layout import write_morphomnist
 
@@ -46,3 +50,26 @@ def tiny_overrides(name: str, tmp: Path, celeba_root: Path | None = None, oracle
     if choices.callbacks == "editing":
         args += [f"callbacks.editing_metrics.oracle={oracle}", "callbacks.grid.n_images=4"]
     return args
+
+
+def upstream_experiments(cfg, tmp: Path) -> list[str]:
+    """Experiments whose runs ``cfg`` reads (``<runs_dir>/<experiment>/latest/...`` anywhere in its resolved
+    config): the stage-1 model of a fine-tuning, the predictors of a metric, the flows of an SCM."""
+    text = OmegaConf.to_yaml(cfg)
+    return sorted(set(re.findall(rf"{re.escape(str(tmp))}/runs/([A-Za-z0-9_]+)/latest/", text)))
+
+
+def ensure_upstream_runs(name: str, tmp: Path, celeba_root: Path | None = None, oracle: str | None = None,
+                         overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Train, tiny and in ``tmp``, every experiment that ``name`` reads the run of (recursively), so that a
+    stage-2 experiment finds its stage-1 checkpoints."""
+    from experiments.runner import run
+
+    cfg = compose(name, [*tiny_overrides(name, tmp, celeba_root, oracle), *overrides])
+    for up in upstream_experiments(cfg, tmp):
+        if (tmp / "runs" / up / "latest").exists():
+            continue
+        ensure_upstream_runs(up, tmp, celeba_root, oracle)
+        run(compose(up, [*tiny_overrides(up, tmp, celeba_root, oracle), "trainer.max_epochs=1",
+                         "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                         "trainer.limit_test_batches=1", "run_id=upstream"]))
