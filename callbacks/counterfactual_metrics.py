@@ -10,8 +10,13 @@ For every evaluation batch, through the :class:`CounterfactualModule` contract o
     Morpho-MNIST's measurements of x* (``morphometric=True``);
   - minimality: CLD with an unconditional VAE's posteriors of x and x* (``vae``);
   - the true-counterfactual error when the DataModule can render ground truth;
-* realism: FID between one counterfactual per evaluated image (the intervened parent cycles over batches) and
-  real images (``fid_real="train"``: the training split as published, or ``"eval"``: the evaluated images).
+* realism: FID between one counterfactual per evaluated image (the intervened parent cycles with the dataset
+  row) and real images (``fid_real="train"``: the training split as published, or ``"eval"``: the evaluated
+  images).
+
+Interventions are drawn per dataset row (``callbacks.metrics.interventions.per_sample_uniforms``), so an image
+gets the same intervention whatever its batch and however many processes evaluate: with a deterministic model
+the synchronised metrics equal the single-process ones.
 
 Counterfactual parents are the model's ``counterfactual_parents(pa, do)`` when it has one (an SCM that
 propagates do(thickness) to intensity), else the parents with ``do`` applied.
@@ -52,7 +57,7 @@ from callbacks.metrics.composition import Composition, Reversibility
 from callbacks.metrics.distances import EmbeddingL1, LPIPSDistance, PixelL1
 from callbacks.metrics.editing import TrueCounterfactualError
 from callbacks.metrics.effectiveness import Effectiveness, MorphometricEffectiveness
-from callbacks.metrics.interventions import single_parent
+from callbacks.metrics.interventions import per_sample_uniforms, single_parent
 from callbacks.metrics.minimality import CounterfactualLatentDivergence
 from callbacks.metrics.realism import FID
 
@@ -275,14 +280,20 @@ class CounterfactualMetrics(StagedEvaluation):
         x, pa = batch["x"], dict(batch["pa"])
         seed = self.seed + 1_000_003 * trainer.global_rank + batch_idx
         generator = torch.Generator().manual_seed(seed)
+        index = batch.get("index")
+        # The FID set takes one counterfactual per image, its intervened parent cycling with the image's row
+        # (with the batch position when rows are unknown).
+        rows = index.cpu() if index is not None else torch.arange(len(x)) + batch_idx * len(x)
+        fid_choice = (rows % len(self._targets)).to(x.device)
         with evaluation_mode(pl_module, seed):
-            index = batch.get("index")
             m["composition"].update(pl_module, x, pa, index)
-            fid_target = self._targets[batch_idx % len(self._targets)]
-            fact = None
-            for target in self._targets:
+            fact, x_fid = None, torch.empty_like(x) if "fid" in m else None
+            for position, target in enumerate(self._targets):
+                # Drawn per dataset row when rows are known: the same intervention whatever the batch or the
+                # number of processes.
+                uniforms = per_sample_uniforms(index, self.seed, position) if index is not None else None
                 draw = single_parent(self._attributes, {k: v.cpu() for k, v in pa.items()}, target, generator,
-                                     self._pools)
+                                     self._pools, uniforms)
                 do = {k: v.to(x.device) for k, v in draw.values.items()}
                 cf_pa = self._cf_parents(pl_module, pa, do)
                 x_cf = pl_module.counterfactual(x, pa, do)
@@ -297,12 +308,14 @@ class CounterfactualMetrics(StagedEvaluation):
                 if "cld" in m:
                     fact = fact if fact is not None else self._vae.posterior(x)  # once per batch, not per parent
                     m["cld"].update(*fact, *self._vae.posterior(x_cf), pa, cf_pa, target)
-                if "fid" in m and target == fid_target:
-                    m["fid"].update(x_cf, real=False)
+                if x_fid is not None:
+                    x_fid[fid_choice == position] = x_cf[fid_choice == position]
                 if f"true_cf/{target}" in m:
                     self._update_truth(m[f"true_cf/{target}"], trainer, batch, do, x_cf, target)
-            if "fid" in m and self.fid_real == "eval":
-                m["fid"].update(x, real=True)
+            if x_fid is not None:
+                m["fid"].update(x_fid, real=False)
+                if self.fid_real == "eval":
+                    m["fid"].update(x, real=True)
 
     def _update_truth(self, metric: nn.Module, trainer: pl.Trainer, batch: Mapping[str, Any],
                       do: Mapping[str, Tensor], x_cf: Tensor, target: str) -> None:

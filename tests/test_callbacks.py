@@ -412,3 +412,43 @@ def test_log_helpers_use_only_loggers_that_support_them(tmp_path) -> None:
     with pytest.raises(ValueError, match="cells"):
         log_table(trainer, "bad", ["a", "b"], [[1]])
     assert log_image(SimpleNamespace(is_global_zero=False, loggers=[recorder]), "k", image) == []
+
+
+def test_intervention_values_by_kind() -> None:
+    from datamodules.base import Attribute, equal_width_bins
+    from callbacks.image_grids import intervention_values
+
+    assert intervention_values(Attribute("s", "binary")) == [0.0, 1.0]
+    assert intervention_values(Attribute("d", "categorical", num_classes=3)) == [0.0, 1.0, 2.0]
+    assert intervention_values(Attribute("t", "continuous", low=0.0, high=10.0), k=3) == [-1.0, 0.0, 1.0]
+    # ten bins over [0, 10]: centres 0.5 .. 9.5; five of them evenly: 0.5, 2.5, 4.5, 7.5, 9.5 (indices 0,2,4,7,9)
+    binned = Attribute("t", "continuous", low=0.0, high=10.0, bins=equal_width_bins(0.0, 10.0, 10))
+    raw = [0.5, 2.5, 4.5, 7.5, 9.5]
+    assert intervention_values(binned, k=5) == pytest.approx([r / 5.0 - 1.0 for r in raw])
+
+
+@pytest.mark.parametrize("with_truth", [True, False], ids=["true_cf", "no_true_cf"])
+def test_intervention_grid_per_parent(tmp_path, with_truth) -> None:
+    data = TinyEditingData(n_val=10, n_test=7, batch_size=4, true_counterfactuals=with_truth)
+    grid = CounterfactualGrid(ATTR, n_images=3, intervene=[ATTR])
+    trainer = make_trainer(tmp_path, [grid])
+    trainer.test(FakeEditor(), datamodule=data, verbose=False)
+
+    pixels = np.asarray(Image.open(tmp_path / "images" / f"test_do_{ATTR}.png"))
+    columns = 5 if with_truth else 3  # factual | do(0) | do(1) [| truth(0) | truth(1)]
+    pad, tile = 2, SIZE + 2
+    assert pixels.shape == (3 * tile + pad, columns * tile + pad, 3)
+
+    def cell(row: int, column: int) -> np.ndarray:
+        top, left = pad + row * tile, pad + column * tile
+        return pixels[top:top + SIZE, left:left + SIZE]
+
+    index = 10 + 2  # third test row
+    image = data.images[index]
+    assert np.array_equal(cell(2, 0), image_to_uint8(image))
+    assert np.array_equal(cell(2, 1), image_to_uint8((image - EDIT_SHIFT).clamp(0, 1)))
+    assert np.array_equal(cell(2, 2), image_to_uint8((image + EDIT_SHIFT).clamp(0, 1)))
+    if with_truth:
+        for column, value in ((3, 0.0), (4, 1.0)):
+            truth = data.render(torch.tensor([index]), torch.tensor([value]))[0]
+            assert np.array_equal(cell(2, column), image_to_uint8(truth))

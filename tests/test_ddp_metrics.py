@@ -1,4 +1,4 @@
-"""Editing metrics are exactly the same on two CPU processes (DDP, gloo) as on one.
+"""Editing metrics and the counterfactual metrics are the same on two CPU processes (DDP, gloo) as on one.
 
 The test set has 13 samples and batches of 4: one process sees batches of 4, 4, 4, 1; under DDP rank 0 sees
 7 samples (4 + 3) and rank 1 sees 6 (4 + 2). Lightning's DistributedSampler would pad the set to 14 by
@@ -11,10 +11,27 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
+import torch
 
+from callbacks.counterfactual_metrics import CounterfactualMetrics
 from callbacks.editing_metrics import AttributeEditingMetrics
 from callbacks.image_grids import CounterfactualGrid
-from tests.test_callbacks import ATTR, FakeEditor, FakeOracle, TinyEditingData, expected_metrics
+from tests.test_callbacks import (
+    ATTR,
+    FakeEditor,
+    FakeOracle,
+    StridedSampler,
+    TinyEditingData,
+    expected_metrics,
+)
+from tests.test_counterfactual_metrics import (
+    N,
+    PixelParentsData,
+    PixelVAE,
+    ReadingPredictors,
+    WritingModel,
+    _write,
+)
 
 N_TEST, BATCH = 13, 4
 
@@ -47,3 +64,48 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     expected = expected_metrics(TinyEditingData(n_val=2, n_test=N_TEST), range(2, 2 + N_TEST), "test")
     assert single == pytest.approx(expected, rel=1e-6)
     assert (tmp_path / "ddp" / "images" / "test_cf_grid.png").is_file()
+
+
+class _StridedPixelParentsData(PixelParentsData):
+    """The same test split, handed out rank, rank + world, ... under DDP (every image exactly once)."""
+
+    def test_dataloader(self):
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = StridedSampler(N, torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return self._loader(self.dataset("test"), sampler=sampler)
+
+
+def _counterfactual_metrics(tmp_path, devices: int) -> dict[str, float]:
+    callback = CounterfactualMetrics(predictors=ReadingPredictors(), vae=PixelVAE(), composition_m=(1, 3),
+                                     distances=("l1", "embedding"), fid="fid_domain", fid_real="eval")
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                         use_distributed_sampler=False, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.test(ShiftingModel(), datamodule=_StridedPixelParentsData(), verbose=False)
+    return {key: value.item() for key, value in trainer.callback_metrics.items()}
+
+
+class ShiftingModel(WritingModel):
+    """Writes the parents and also brightens the texture by the continuous parent, so that every metric
+    (composition, reversibility, effectiveness, CLD, FID) takes a non-trivial value."""
+
+    def predict(self, noise, pa):
+        out = noise.clone()
+        out[:, :, 1:] = (noise[:, :, 1:] + 0.1 * pa["c"].view(-1, 1, 1, 1)).clamp(0, 1)
+        return _write(out, pa)
+
+
+def test_counterfactual_metrics_two_processes_equal_one(tmp_path) -> None:
+    single = _counterfactual_metrics(tmp_path / "single", devices=1)
+    distributed = _counterfactual_metrics(tmp_path / "ddp", devices=2)
+    assert set(distributed) == set(single)
+    groups = {k.split("/")[1] for k in single}
+    assert {"composition", "reversibility", "effectiveness", "cld", "fid_domain", "true_cf"} <= groups
+    assert any(v > 0 for k, v in single.items() if k.startswith("test/reversibility"))
+    # the same interventions on the same images: equal up to the order of float sums across processes
+    assert distributed == pytest.approx(single, rel=1e-5, abs=1e-6)
+    # the per-sample file gathers every image's values from both processes
+    rows = [(tmp_path / run / "per_sample.csv").read_text().splitlines() for run in ("single", "ddp")]
+    assert len(rows[0]) == N + 1 and rows[1] == rows[0]

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.metrics.interventions import draw_new_values, multi_parent, random_parents, single_parent
+from callbacks.metrics.interventions import (
+    draw_new_values,
+    multi_parent,
+    per_sample_uniforms,
+    random_parents,
+    single_parent,
+)
 from datamodules.base import Attribute, equal_width_bins
 
 THICK = Attribute("thickness", "continuous", low=0.0, high=4.0, bins=equal_width_bins(0.0, 4.0, 4))
@@ -72,3 +78,27 @@ def test_random_parents_picks_each_with_probability_p_and_at_least_one():
     assert mask.float().mean(0).sub(0.625).abs().max() < 0.03
     after = do.apply(pa)
     assert torch.equal(after["Smiling"] == 1, do.mask["Smiling"])
+
+
+def test_per_sample_draws_do_not_depend_on_the_batching():
+    """An image's intervention is a function of (seed, parent position, row): splitting the rows into other
+    batches (or processes) draws exactly the same values."""
+    g = torch.Generator().manual_seed(3)
+    rows = torch.arange(100, 140)
+    pool = THICK.normalise(torch.rand(200, generator=g) * 4.0)
+    pa = {"thickness": pool[:40], "digit": torch.randint(0, 10, (40,), generator=g).float()}
+    whole = {t: single_parent([THICK, DIGIT], pa, t, None, {"thickness": pool},
+                              per_sample_uniforms(rows, seed=7, stream=i)).values[t]
+             for i, t in enumerate(("thickness", "digit"))}
+    for part in (slice(0, 13), slice(13, 40)):
+        sub = {k: v[part] for k, v in pa.items()}
+        for i, t in enumerate(("thickness", "digit")):
+            got = single_parent([THICK, DIGIT], sub, t, None, {"thickness": pool},
+                                per_sample_uniforms(rows[part], seed=7, stream=i)).values[t]
+            assert torch.equal(got, whole[t][part])
+    # still a valid intervention: another class, another bin
+    assert (whole["digit"] != pa["digit"]).all()
+    old_bins = THICK.bin_index(THICK.denormalise(pa["thickness"]))
+    assert (THICK.bin_index(THICK.denormalise(whole["thickness"])) != old_bins).all()
+    # and the streams differ between seeds
+    assert not torch.equal(per_sample_uniforms(rows, 7), per_sample_uniforms(rows, 8))

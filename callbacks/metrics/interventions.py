@@ -14,7 +14,10 @@ How a new value is drawn for one parent (the benchmark's protocol, §3.3 and its
   more than noise. A bin that holds the whole pool leaves nothing to draw from and raises an error.
 
 Randomness comes only from the ``torch.Generator`` passed in, never from the global RNG, so evaluations are
-reproducible and training RNG streams are untouched.
+reproducible and training RNG streams are untouched. Alternatively each sample's draw comes from its own
+uniform number (``uniforms``, e.g. :func:`per_sample_uniforms` of the dataset row): the intervention on an
+image then does not depend on the batch it sits in or on the number of processes, so a distributed
+evaluation draws exactly the interventions of a single-process one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch import Tensor
 
 from datamodules.base import Attribute
 
-__all__ = ["Intervention", "draw_new_values", "multi_parent", "random_parents", "single_parent"]
+__all__ = ["Intervention", "draw_new_values", "multi_parent", "per_sample_uniforms", "random_parents", "single_parent"]
 
 
 @dataclass(frozen=True)
@@ -49,15 +52,32 @@ class Intervention:
         return out
 
 
-def draw_new_values(attribute: Attribute, values: Tensor, generator: torch.Generator,
-                    pool: Tensor | None = None) -> Tensor:
-    """A new value for every entry of ``values`` (normalised), different from it as the module docstring says."""
+def per_sample_uniforms(index: Tensor, seed: int, stream: int = 0) -> Tensor:
+    """One uniform number in [0, 1) per dataset row in ``index``, a function of (seed, stream, row) only."""
+    rows = torch.as_tensor(index).detach().cpu().reshape(-1).tolist()
+    return torch.tensor([torch.rand((), generator=torch.Generator().manual_seed(
+        (int(seed) * 1_000_003 + int(stream)) * 1_000_000_007 + int(r))).item() for r in rows])
+
+
+def _choose(n: int | Tensor, count: int, generator: torch.Generator | None, uniforms: Tensor | None) -> Tensor:
+    """``count`` indices in [0, n): from ``uniforms`` when given, else drawn from ``generator``."""
+    if uniforms is not None:
+        return (uniforms * n).floor().long().clamp(max=torch.as_tensor(n) - 1)
+    return torch.randint(int(n), (count,), generator=generator)
+
+
+def draw_new_values(attribute: Attribute, values: Tensor, generator: torch.Generator | None,
+                    pool: Tensor | None = None, uniforms: Tensor | None = None) -> Tensor:
+    """A new value for every entry of ``values`` (normalised), different from it as the module docstring says;
+    ``uniforms`` [B] in [0, 1), when given, replace the generator (one per entry)."""
     values = values.detach().to("cpu", torch.float32)
+    if uniforms is not None and uniforms.shape != values.shape:
+        raise ValueError(f"need one uniform per value, got {tuple(uniforms.shape)} for {tuple(values.shape)}")
     if attribute.kind == "binary":
         return 1.0 - values
     if attribute.kind == "categorical":
         k = int(attribute.num_classes)
-        shift = torch.randint(1, k, values.shape, generator=generator)
+        shift = 1 + _choose(k - 1, len(values), generator, uniforms)
         return ((values.round().long() + shift) % k).to(torch.float32)
     if pool is None or attribute.bins is None:
         raise ValueError(f"continuous parent {attribute.name!r} needs a pool of values and bins to draw from")
@@ -71,14 +91,21 @@ def draw_new_values(attribute: Attribute, values: Tensor, generator: torch.Gener
         if len(candidates) == 0:
             raise ValueError(f"every pool value of {attribute.name!r} lies in bin {b}; no value from another bin "
                              f"exists. Use more bins or a wider pool.")
-        out[rows] = candidates[torch.randint(len(candidates), (len(rows),), generator=generator)]
+        u = None if uniforms is None else uniforms[rows]
+        out[rows] = candidates[_choose(len(candidates), len(rows), generator, u)]
     return out
 
 
 def single_parent(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], target: str,
-                  generator: torch.Generator, pools: Mapping[str, Tensor] | None = None) -> Intervention:
-    """do(target = a new value) for every sample."""
-    return multi_parent(attributes, pa, [target], generator, pools)
+                  generator: torch.Generator | None, pools: Mapping[str, Tensor] | None = None,
+                  uniforms: Tensor | None = None) -> Intervention:
+    """do(target = a new value) for every sample (``uniforms``: one per sample instead of ``generator``)."""
+    by_name = {a.name: a for a in attributes}
+    if target not in by_name:
+        raise ValueError(f"targets must be parents among {list(by_name)}, got {[target]}")
+    pool = None if pools is None else pools.get(target)
+    value = draw_new_values(by_name[target], pa[target], generator, pool, uniforms)
+    return Intervention({target: value}, {target: torch.ones(len(value), dtype=torch.bool)})
 
 
 def multi_parent(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], targets: Sequence[str],
