@@ -10,8 +10,8 @@ Each run lives in ``<paths.runs_dir>/<name>/<run_id>/``::
     images/                counterfactual grids
     wandb/ or csv/         the logger's files
 
-``<paths.runs_dir>/<name>/latest`` points at the newest run, so later experiments can refer to a checkpoint
-(``.../classifier_smiling_synth/latest/checkpoints/best.ckpt``). ``resume=latest`` or ``resume=<run dir>``
+``<paths.runs_dir>/<name>/latest`` points at the newest run (``fast_dev_run`` smoke runs excepted), so later
+experiments can refer to a checkpoint (``.../classifier_smiling_synth/latest/checkpoints/best.ckpt``). ``resume=latest`` or ``resume=<run dir>``
 continues an interrupted run from its last checkpoint with its saved config.
 """
 
@@ -167,7 +167,8 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
             # be (and the CSV history is kept, experiments.loggers.csv_logger).
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         datamodule, model, trainer = build(cfg, run_dir)
-        _point_latest(run_dir)
+        if not trainer.fast_dev_run:  # a smoke run saves no checkpoint: `latest` keeps pointing at a real one
+            _point_latest(run_dir)
         with finishing(trainer.loggers):
             return _fit_and_test(cfg, run_dir, datamodule, model, trainer, ckpt_path, started)
 

@@ -54,7 +54,6 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
 
 class CounterfactualModule(pl.LightningModule):
     can_abduct: bool = True
-    scm: nn.Module | None = None
 
     def attach_scm(self, scm: nn.Module | Mapping[str, Any] | None, scm_checkpoint: str | None = None) -> None:
         """Give this model attribute mechanisms: ``scm`` an ``AttributeSCM`` or its ``_target_`` config,
@@ -83,9 +82,10 @@ class CounterfactualModule(pl.LightningModule):
         unknown = set(do) - set(pa)
         if unknown:
             raise KeyError(f"intervention on unknown attribute(s) {sorted(unknown)}; parents are {sorted(pa)}")
-        if self.scm is None:
+        scm = getattr(self, "scm", None)  # set by attach_scm; a submodule, so not a class attribute
+        if scm is None:
             return {**pa, **do}
-        return self.scm.counterfactual_parents(pa, do)
+        return scm.counterfactual_parents(pa, do)
 
     def abduct(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor]):
         raise NotImplementedError

@@ -33,8 +33,12 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_diff_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """log(exp(a) − exp(b)) for a > b, stable."""
-    return a + torch.log1p(-torch.exp((b - a).clamp(max=-1e-12)))
+    """log(exp(a) − exp(b)) for a > b, stable.
+
+    ``-expm1`` rather than ``1 − exp``: when b − a is a few 1e-8 (both log-CDFs near 0, the branch that
+    ``torch.where`` discards for a pixel far from the mean), exp rounds to 1 in float32, the log is −inf and
+    its gradient, multiplied by the discarded branch's zero, turns every gradient into NaN."""
+    return a + torch.log(-torch.expm1((b - a).clamp(max=-1e-12)))
 
 
 def discretized_gaussian_log_likelihood(

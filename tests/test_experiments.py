@@ -55,6 +55,8 @@ def test_every_experiment_survives_fast_dev_run(name, workspace, celeba_root, or
     ensure_upstream_runs(name, workspace, celeba_root, oracle_run.best_checkpoint)
     result = run(compose(name, [*args, "trainer.fast_dev_run=true", f"run_id=fdr-{name}"]))
     assert result.metrics, "the test stage ran and logged metrics"
+    latest = workspace / "runs" / name / "latest"
+    assert not latest.exists() or latest.resolve() != result.run_dir.resolve(), "a smoke run must not become latest"
     if compose(name).choices.model == "ifcvae":
         assert {"test/mse", "test/edit/Smiling/C_pos_all", "test/edit/Smiling/C_neg_all"} <= set(result.metrics)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -47,6 +46,19 @@ def tiny_overrides(name: str, tmp: Path, celeba_root: Path | None = None, oracle
         args += ["model._width=4", "model.feature_dim=8"]
     elif choices.model == "vae":
         args += ["model._width=4", "model._latent=4"]
+    elif choices.model in ("cvae", "cvae_celeba"):
+        args += ["model._hidden=8", "model._latent=4"]
+    elif choices.model in ("bigan", "bigan_celeba"):  # 32x32 (3 stride-2 stages) whatever the data
+        args += ["model._latent=8", "model.encoder.widths=[4,8,8,8]", "model.encoder.hidden=[]",
+                 "model.encoder.embed_resolution=4", "model.generator.widths=[8,8,8,4]", "model.generator.embed_dim=4",
+                 "model.discriminator.x_widths=[4,8,8,8,8]", "model.discriminator.z_widths=[8]",
+                 "model.discriminator.z_dropout=0.2", "model.discriminator.xz_widths=[8]",
+                 "model.discriminator.embed_resolution=4"]
+    elif choices.model in ("hvae", "hvae_celeba", "hvae_finetune"):  # 32x32, 3 stochastic layers
+        if choices.model != "hvae_finetune":  # the fine-tuning takes its network from the pretrained run
+            args += ["model.network.encoder_arch=32b1d4,8b1d8,1b1", "model.network.decoder_arch=1b1,8b1,32b1",
+                     "model.network.widths=[4,8,8]", "model.network.latent_channels=2"]
+        args += ["model.warmup_steps=1"] + (["model.elbo_batches=1"] if choices.model == "hvae_finetune" else [])
     if choices.callbacks == "editing":
         args += [f"callbacks.editing_metrics.oracle={oracle}", "callbacks.grid.n_images=4"]
     return args
