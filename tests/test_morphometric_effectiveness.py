@@ -27,3 +27,17 @@ def test_identity_counterfactual_scores_near_zero_and_shuffled_targets_do_not():
     assert scores["identity"]["thickness"] < 0.2 and scores["identity"]["intensity"] < 1.0
     assert scores["shuffled"]["thickness"] > 4 * scores["identity"]["thickness"]
     assert scores["shuffled"]["intensity"] > 30
+
+
+def test_an_unmeasured_parent_can_be_intervened_on():
+    """do(digit) is judged by the thickness and intensity it leaves, though the digit itself is not measured."""
+    from datamodules.base import Attribute
+
+    t = Attribute("thickness", "continuous", low=0.0, high=10.0)
+    i = Attribute("intensity", "continuous", low=0.0, high=100.0)
+    metric = MorphometricEffectiveness([t, i], ["thickness", "digit"])
+    target = {"thickness": t.normalise(torch.tensor([2.0, 4.0])), "intensity": i.normalise(torch.tensor([50., 60.]))}
+    metric.update({"thickness": [2.5, 3.0], "intensity": [50.0, 70.0]}, target, "digit")
+    out = metric.compute()
+    assert out[("digit", "thickness")].item() == pytest.approx(0.75)
+    assert out[("digit", "intensity")].item() == pytest.approx(5.0)
