@@ -38,8 +38,18 @@ def _len(xs: Any) -> int:
     return len(xs)
 
 
+def _parents_width(spec: Any) -> int:
+    """${parents_width:<parents spec>}: the width of a model's conditioning vector (categorical parents
+    one-hot), as ``datamodules.base.condition_vector`` builds it."""
+    from datamodules.base import parents_from_spec
+
+    plain = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig | ListConfig) else spec
+    return sum(a.dim for a in parents_from_spec(plain))
+
+
 OmegaConf.register_resolver("add", _add, replace=True)
 OmegaConf.register_resolver("len", _len, replace=True)
+OmegaConf.register_resolver("parents_width", _parents_width, replace=True)
 
 
 class ConfigError(ValueError):

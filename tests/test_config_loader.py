@@ -116,3 +116,11 @@ def test_models_take_their_image_channels_from_the_data_config(data, channels):
     assert cfg.data._channels == channels
     assert cfg.model.encoder.in_channels == cfg.model.decoder.out_channels == channels
     assert cfg.model.discriminator.in_channels == channels
+
+
+def test_parents_width_resolver_counts_one_hot_columns():
+    cfg = OmegaConf.create({"p": {"t": {"kind": "continuous", "low": 0, "high": 1},
+                                  "d": {"kind": "categorical", "num_classes": 10}},
+                            "names": ["Smiling", "Eyeglasses"],
+                            "a": "${parents_width:${p}}", "b": "${parents_width:${names}}"})
+    assert cfg.a == 11 and cfg.b == 2
