@@ -1,0 +1,30 @@
+"""The benchmark-table printer reads metrics.json files and puts the paper's values beside ours."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.tables import composition_table, effectiveness_table, load, main, realism_table
+
+
+def _run(tmp_path, metrics, std=None):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "metrics.json").write_text(json.dumps({"metrics": metrics, **({"std": std} if std else {})}))
+    return tmp_path
+
+
+def test_rows_hold_ours_and_the_papers(tmp_path):
+    metrics = {"test/composition/l1/1": 5.0, "test/composition/l1/10": 12.25, "test/composition/embedding/1": 0.5,
+               "test/effectiveness/do_thickness/thickness": 0.2, "test/fid_domain": 3.5, "test/cld": 0.3}
+    runs = {"HVAE": load(_run(tmp_path / "a", metrics, {"test/composition/l1/1": 0.25})),
+            "mine": load(_run(tmp_path / "b", metrics))}
+    table = composition_table(runs).splitlines()
+    assert table[2] == "| HVAE | 5.000 ± 0.250 (0.438) | 12.250 (1.550) | 0.500 (0.009) | – (0.038) |"
+    assert table[3] == "| mine | 5.000 (–) | 12.250 (–) | 0.500 (–) | – (–) |"
+    assert effectiveness_table(runs).splitlines()[2].startswith("| HVAE | 0.200 (0.086) | – (0.224) |")
+    assert realism_table(runs).splitlines()[2] == "| HVAE | 3.500 (5.362) | 0.300 (0.272) | – (0.112) | – (0.736) |"
+
+
+def test_a_missing_run_is_named(tmp_path, capsys):
+    assert main([f"GAN={tmp_path / 'nowhere'}"]) == 2
+    assert "nowhere/metrics.json does not exist" in capsys.readouterr().err
