@@ -415,8 +415,8 @@ def test_log_helpers_use_only_loggers_that_support_them(tmp_path) -> None:
 
 
 def test_intervention_values_by_kind() -> None:
-    from datamodules.base import Attribute, equal_width_bins
     from callbacks.image_grids import intervention_values
+    from datamodules.base import Attribute, equal_width_bins
 
     assert intervention_values(Attribute("s", "binary")) == [0.0, 1.0]
     assert intervention_values(Attribute("d", "categorical", num_classes=3)) == [0.0, 1.0, 2.0]
