@@ -337,7 +337,8 @@ class CounterfactualMetrics(StagedEvaluation):
         for target in self._targets:
             for key, value in m[f"reversibility/{target}"].compute().items():
                 computed[f"{stage}/reversibility/{target}/{key}"] = value
-            if f"true_cf/{target}" in m:
+            # A parent the data cannot re-render (MorphoMNIST's digit) was skipped on every process alike.
+            if f"true_cf/{target}" in m and f"true_cf/{target}" not in self.skipped:
                 for key, value in m[f"true_cf/{target}"].compute().items():
                     computed[f"{stage}/true_cf/do_{target}/{key}"] = value
         if "effectiveness" in m:
