@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from configs.loader import compose
+from tests.helpers.chexpert_layout import write_tiny_chexpert
 from tests.helpers.morphomnist_layout import write_morphomnist
 
 
@@ -35,6 +36,11 @@ def tiny_overrides(name: str, tmp: Path, celeba_root: Path | None = None, oracle
         args = [a for a in args if a != "data.image_size=32"] + [f"data.root={root}", "data.n_val=8", "data.builder=null"]
     elif choices.data in ("colored_mnist", "double_colored_mnist", "wildlife_mnist"):
         args = [a for a in args if a != "data.image_size=32"] + ["data.limit_per_split=16"]
+    elif choices.data == "chexpert":
+        root = tmp / "tiny_chexpert" / "CheXpert-v1.0-small"
+        if not root.exists():
+            write_tiny_chexpert(tmp / "tiny_chexpert", extra_patients=12)
+        args += [f"data.root={root}", "data.image_size=64"]
     elif choices.data == "chest_phantom":
         args += ["data.builder.n_train_patients=6", "data.builder.n_valid_patients=3", "data.builder.image_size=64",
                  "data.split_fractions=[0.5,0.5,0.0]"]
