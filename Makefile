@@ -16,7 +16,7 @@ SWEEP ?= configs/sweep/ifcvae_grid.yaml
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: help install train eval sweep test test-all lint bench quickstart data-faces data-morphomnist data-chest clean
+.PHONY: help install train eval sweep test test-all lint bench quickstart reproduce-morphomnist data-faces data-morphomnist data-chest clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,16 @@ bench: $(STAMP) ## Benchmarks (data generation, loading, training-step speed); r
 
 quickstart: $(STAMP) ## Synthetic faces -> Smiling oracle -> IFcVAE-GAN -> counterfactual metrics table (CPU, < 15 min)
 	$(BIN)/python -m experiments.quickstart $(ARGS)
+
+DEEPSCM_MNIST = scm_morphomnist_synth predictors_morphomnist_synth vae_morphomnist_synth cvae_morphomnist_synth \
+	cvae_learned_sigma_morphomnist_synth hvae_morphomnist_synth hvae_cf_morphomnist_synth bigan_morphomnist_synth \
+	bigan_cyclic_morphomnist_synth
+reproduce-morphomnist: $(STAMP) ## Deep-SCM benchmark on the offline MorphoMNIST: train every model, print Tables 1/3/5 (CPU, ~1 h)
+	for e in $(DEEPSCM_MNIST); do $(BIN)/python -m experiments $$e $(ARGS) || exit 1; done
+	$(BIN)/python -m experiments.tables "VAE (fixed σ)=runs/cvae_morphomnist_synth/latest" \
+		"VAE (learned σ)=runs/cvae_learned_sigma_morphomnist_synth/latest" "HVAE=runs/hvae_morphomnist_synth/latest" \
+		"HVAE fine-tuned=runs/hvae_cf_morphomnist_synth/latest" "GAN=runs/bigan_morphomnist_synth/latest" \
+		"GAN fine-tuned=runs/bigan_cyclic_morphomnist_synth/latest"
 
 data-faces: $(STAMP) ## Generate the synthetic faces (CelebA layout) into data/ without training
 	$(BIN)/python -m datamodules.synthetic.faces $(ARGS)
