@@ -137,3 +137,20 @@ class only_trainable:
         for p, flag in self.saved:
             p.requires_grad_(flag)
         return False
+
+
+class SameStepEveryStage(pl.LightningModule):
+    """A single-loss model (the evaluation models, the attribute mechanisms) whose training, validation and
+    test steps are one ``_step(batch, stage)`` that computes and logs the loss under ``{stage}/...``."""
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")

@@ -47,13 +47,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from datamodules.base import Attribute, condition_vector, parent_attribute
-from lightning_modules.base import evaluating
+from lightning_modules.base import SameStepEveryStage, evaluating
 from lightning_modules.networks.blocks import _plain, build_network, network_config
 from lightning_modules.networks.classifiers import MLPClassifier
 
@@ -118,7 +117,7 @@ class ParentPredictor(nn.Module):
         return self.head(h)
 
 
-class AntiCausalPredictor(pl.LightningModule):
+class AntiCausalPredictor(SameStepEveryStage):
     """One anti-causal predictor per target parent (see the module docstring).
 
     :param parents: ``{name: {kind, num_classes, low, high}}`` for every target and condition parent.
@@ -311,15 +310,6 @@ class AntiCausalPredictor(pl.LightningModule):
             else:
                 hit = (pred > 0.5) == (y > 0.5) if a.kind == "binary" else pred == y
                 self.log(f"{stage}/acc/{t}", hit.float().mean(), batch_size=n, sync_dist=True)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

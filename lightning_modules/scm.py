@@ -65,12 +65,12 @@ from pathlib import Path
 from typing import Any
 
 import normflows as nf
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from datamodules.base import Attribute, check_name, condition_vector, parents_from_spec
+from lightning_modules.base import SameStepEveryStage
 from lightning_modules.networks.blocks import _plain, build_network, network_config, remember_config
 
 # Clamp margin for continuous values at the edge of a bounded flow's support (relative to the bound).
@@ -431,7 +431,7 @@ def resolve_scm(scm: nn.Module | Mapping[str, Any] | None = None,
     return module
 
 
-class AttributeMechanisms(pl.LightningModule):
+class AttributeMechanisms(SameStepEveryStage):
     """Trains every mechanism of an ``AttributeSCM`` by maximum likelihood (App. A.1: Adam, lr 1e-3).
 
     Logged: ``{stage}/loss`` (the NLL of all parents per sample, the checkpoint monitor) and
@@ -470,15 +470,6 @@ class AttributeMechanisms(pl.LightningModule):
         for name, value in nll.items():
             self.log(f"{stage}/nll/{name}", value.mean(), **kw)
         return loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

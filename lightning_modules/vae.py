@@ -29,12 +29,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.base import evaluating
+from lightning_modules.base import SameStepEveryStage, evaluating
 from lightning_modules.networks.blocks import build_network, network_config
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -60,7 +59,7 @@ def reconstruction_nll(
     return nll.flatten(1).sum(dim=1)
 
 
-class VAE(pl.LightningModule):
+class VAE(SameStepEveryStage):
     """Unconditional VAE on images in [0, 1].
 
     :param encoder: x -> (μ, logvar, _) (``ConvEncoder`` with ``n_attributes=0``); module or ``_target_`` dict.
@@ -156,15 +155,6 @@ class VAE(pl.LightningModule):
         self.log(f"{stage}/rec", rec, **kw)
         self.log(f"{stage}/kl", kl, **kw)
         return loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
