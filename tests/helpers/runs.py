@@ -48,6 +48,9 @@ def tiny_overrides(name: str, tmp: Path, celeba_root: Path | None = None, oracle
         args += ["model._width=8", "model._latent=8"]
     elif choices.model == "classifier":
         args += ["model.network.base_width=8"]
+    elif choices.model in ("cdvae_gan", "vae_bernoulli", "vaegan"):  # Table 1's layer pattern, 4 channels wide
+        args += ["model._latent=4", "model._widths=[4,4,4,4]", "model._hidden=[8]", "model._decoder_widths=[4,4,4,4]",
+                 "model._start_width=4", "model._disc_hidden=8"]
     elif choices.model == "predictor":
         args += ["model._width=4", "model.feature_dim=8"]
     elif choices.model == "vae":
