@@ -27,6 +27,7 @@ Logged keys (``stage`` is ``val`` or ``test``)::
     {stage}/reversibility/{parent}/{distance}
     {stage}/effectiveness/do_{parent}/{measured}  MAE in original units / accuracy / F1
     {stage}/morpho_effectiveness/do_{parent}/{measured}
+    {stage}/morpho_effectiveness_unchanged/do_{parent}/{measured}   the same for x* = x: what doing nothing scores
     {stage}/cld[/{parent}], {stage}/cld_p_sx_star_le_div, {stage}/cld_p_sx_ge_div
     {stage}/fid_{domain|inception}
     {stage}/true_cf/do_{parent}/{mse|l1}
@@ -202,6 +203,9 @@ class CounterfactualMetrics(StagedEvaluation):
         if self.morphometric:
             measured = [a for a in self._attributes if a.name in ("thickness", "intensity")]
             m["morpho_effectiveness"] = MorphometricEffectiveness(measured, self._targets)
+            # The factual image measured against the same targets: a model moves a parent toward its target
+            # exactly when its MAE is below this one.
+            m["morpho_effectiveness_unchanged"] = MorphometricEffectiveness(measured, self._targets)
         if self._vae is not None:
             m["cld"] = CounterfactualLatentDivergence(self._attributes, *self.cld_weights)
         if self.fid == "fid_domain":
@@ -287,7 +291,7 @@ class CounterfactualMetrics(StagedEvaluation):
         fid_choice = (rows % len(self._targets)).to(x.device)
         with evaluation_mode(pl_module, seed):
             m["composition"].update(pl_module, x, pa, index)
-            fact, x_fid = None, torch.empty_like(x) if "fid" in m else None
+            fact, fact_measured, x_fid = None, None, torch.empty_like(x) if "fid" in m else None
             for position, target in enumerate(self._targets):
                 # Drawn per dataset row when rows are known: the same intervention whatever the batch or the
                 # number of processes.
@@ -301,10 +305,13 @@ class CounterfactualMetrics(StagedEvaluation):
                 if "effectiveness" in m:
                     m["effectiveness"].update(self._predictors.predict_parents(x_cf, cf_pa), cf_pa, target)
                 if "morpho_effectiveness" in m:
-                    from datamodules.synthetic.morphomnist import oracle_measure
+                    from datamodules.synthetic.morphomnist import oracle_measure  # scikit-image, MorphoMNIST only
 
                     measured = dict(zip(("thickness", "intensity"), oracle_measure(x_cf), strict=True))
                     m["morpho_effectiveness"].update(measured, cf_pa, target)
+                    fact_measured = fact_measured or dict(zip(("thickness", "intensity"), oracle_measure(x),
+                                                              strict=True))
+                    m["morpho_effectiveness_unchanged"].update(fact_measured, cf_pa, target)
                 if "cld" in m:
                     fact = fact if fact is not None else self._vae.posterior(x)  # once per batch, not per parent
                     m["cld"].update(*fact, *self._vae.posterior(x_cf), pa, cf_pa, target)
@@ -343,9 +350,9 @@ class CounterfactualMetrics(StagedEvaluation):
                     computed[f"{stage}/true_cf/do_{target}/{key}"] = value
         if "effectiveness" in m:
             computed.update(Effectiveness.flatten(m["effectiveness"].compute(), f"{stage}/effectiveness/"))
-        if "morpho_effectiveness" in m:
-            values = m["morpho_effectiveness"].compute()
-            computed.update(MorphometricEffectiveness.flatten(values, f"{stage}/morpho_effectiveness/"))
+        for name in ("morpho_effectiveness", "morpho_effectiveness_unchanged"):
+            if name in m:
+                computed.update(MorphometricEffectiveness.flatten(m[name].compute(), f"{stage}/{name}/"))
         if "cld" in m:
             for key, value in m["cld"].compute().items():
                 computed[f"{stage}/{key if key.startswith('cld') else 'cld_' + key}"] = value

@@ -8,6 +8,7 @@ import torch
 from callbacks.metrics.effectiveness import MorphometricEffectiveness
 from datamodules.morphomnist import MorphoMNISTDataModule
 from datamodules.synthetic.morphomnist import oracle_measure
+from lightning_modules.base import CounterfactualModule
 from tests.helpers.shared_data import shared_path
 
 
@@ -41,3 +42,38 @@ def test_an_unmeasured_parent_can_be_intervened_on():
     out = metric.compute()
     assert out[("digit", "thickness")].item() == pytest.approx(0.75)
     assert out[("digit", "intensity")].item() == pytest.approx(5.0)
+
+
+class _Unchanged(CounterfactualModule):
+    """x* = x: its morphometric effectiveness must equal the callback's do-nothing reference exactly."""
+
+    def abduct(self, x, pa):
+        return x
+
+    def predict(self, noise, pa):
+        return noise
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+
+@pytest.mark.data
+def test_the_callback_reports_what_doing_nothing_scores():
+    import pytorch_lightning as pl
+
+    from callbacks.counterfactual_metrics import CounterfactualMetrics
+
+    dm = MorphoMNISTDataModule(str(shared_path("morphomnist")), layout="t10k_only", t10k_split=(0, 0, 48),
+                               batch_size=16)
+    callback = CounterfactualMetrics(intervene=["thickness", "digit"], composition_m=(1,), morphometric=True,
+                                     per_sample_csv=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    trainer.test(_Unchanged(), datamodule=dm, verbose=False)
+    results = callback.results["test"]
+    for do in ("thickness", "digit"):
+        for measured in ("thickness", "intensity"):
+            key = f"do_{do}/{measured}"
+            assert results[f"test/morpho_effectiveness/{key}"] == results[f"test/morpho_effectiveness_unchanged/{key}"]
+    # do(thickness) draws targets from other bins: doing nothing leaves the thickness far from them
+    assert results["test/morpho_effectiveness_unchanged/do_thickness/thickness"] > 0.5
