@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from callbacks.metrics.editing import EditSuccessRate, ReconstructionMSE, TrueCounterfactualError
+from callbacks.metrics.editing import EditSuccessRate, FlipSuccessRate, ReconstructionMSE, TrueCounterfactualError
 from lightning_modules.base import CounterfactualModule
 
 __all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_oracle"]
@@ -223,6 +223,7 @@ class AttributeEditingMetrics(StagedEvaluation):
             "C_neg_paper": EditSuccessRate(target=0, threshold=t),
             "C_pos_all": EditSuccessRate(target=1, threshold=t),
             "C_neg_all": EditSuccessRate(target=0, threshold=t),
+            "flip_acc": FlipSuccessRate(threshold=t),
             "n_paper": SumMetric(),
             "acc_E_y": BinaryAccuracy(threshold=t),
             "acc_oracle": BinaryAccuracy(threshold=t),
@@ -327,6 +328,8 @@ class AttributeEditingMetrics(StagedEvaluation):
                 m["C_neg_all"].update(probs_0)
                 m["C_pos_paper"].update(probs_1, mask=positive)
                 m["C_neg_paper"].update(probs_0, mask=positive)
+                # do(attr = 1 - y) for every input (CDVAE-GAN Table 3): do(0) of the positives, do(1) of the rest
+                m["flip_acc"].update(torch.where(positive, probs_0, probs_1), (~positive).float())
                 m["n_paper"].update(positive.sum().to(torch.float32))
                 m["acc_oracle_recon"].update(self._oracle_probs(x_hat), positive.long())
         if enabled["true_cf"]:
@@ -350,7 +353,7 @@ class AttributeEditingMetrics(StagedEvaluation):
         if enabled["reconstruction"]:
             computed[f"{stage}/mse"] = m["mse"].compute()
         if enabled["edits"]:
-            for name in ("C_pos_paper", "C_neg_paper", "C_pos_all", "C_neg_all", "n_paper"):
+            for name in ("C_pos_paper", "C_neg_paper", "C_pos_all", "C_neg_all", "n_paper", "flip_acc"):
                 computed[f"{stage}/edit/{attr}/{name}"] = m[name].compute()
         if enabled["acc_E_y"]:
             computed[f"{stage}/acc/E_y/{attr}"] = m["acc_E_y"].compute()

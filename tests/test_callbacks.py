@@ -189,6 +189,8 @@ def expected_metrics(data: TinyEditingData, rows: range, stage: str, oracle: boo
             f"{stage}/edit/{ATTR}/C_pos_all": float(oracle_positive(edit_1).mean()),
             f"{stage}/edit/{ATTR}/C_neg_all": float((~oracle_positive(edit_0)).mean()),
             f"{stage}/edit/{ATTR}/n_paper": float(positive.sum()),
+            f"{stage}/edit/{ATTR}/flip_acc": float(np.where(positive, ~oracle_positive(edit_0),
+                                                            oracle_positive(edit_1)).mean()),
             f"{stage}/acc/oracle/{ATTR}": float((oracle_positive(x) == positive).mean()),
             f"{stage}/acc/oracle_on_recon/{ATTR}": float((oracle_positive(x_hat) == positive).mean()),
         })

@@ -30,6 +30,7 @@ from torchmetrics import Metric
 
 __all__ = [
     "EditSuccessRate",
+    "FlipSuccessRate",
     "ReconstructionMSE",
     "TrueCounterfactualError",
     "edit_success_counts",
@@ -165,6 +166,20 @@ class EditSuccessRate(Metric):
 
     def compute(self) -> Tensor:
         return _ratio(self.hits, self.total)
+
+
+class FlipSuccessRate(EditSuccessRate):
+    """The oracle's accuracy on the flips do(a = 1 − y) over a whole set (CDVAE-GAN Table 3):
+    ``update(probs, target)`` with the oracle's probabilities on each input's flipped edit and the flipped
+    label ``1 − y`` per sample."""
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(target=1, threshold=threshold, **kwargs)
+
+    def update(self, probs: Tensor, target: Tensor) -> None:  # type: ignore[override]
+        hits, total = edit_success_counts(probs, target, self.threshold)
+        self.hits += hits
+        self.total += total
 
 
 class TrueCounterfactualError(ReconstructionMSE):
