@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 2
     try:
-        runs = {label: load(path) for label, path in (a.split("=", 1) for a in argv)}
+        # a label may hold "=" (e.g. "HVAE (t_r=0)"), a run directory does not
+        runs = {label: load(path) for label, path in (a.rsplit("=", 1) for a in argv)}
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
