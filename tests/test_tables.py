@@ -28,3 +28,10 @@ def test_rows_hold_ours_and_the_papers(tmp_path):
 def test_a_missing_run_is_named(tmp_path, capsys):
     assert main([f"GAN={tmp_path / 'nowhere'}"]) == 2
     assert "nowhere/metrics.json does not exist" in capsys.readouterr().err
+
+
+def test_truth_table_reads_the_true_counterfactual_errors(tmp_path):
+    from experiments.tables import truth_table
+
+    run = load(_run(tmp_path, {"test/true_cf/do_thickness/mse": 0.5, "test/true_cf/do_intensity/l1": 0.25}))
+    assert truth_table({"m": run}).splitlines()[2] == "| m | 0.500 | – | – | 0.250 |"
