@@ -242,8 +242,9 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
             self._intervention_attributes[a.name] = d if d is not None else a
         try:
             values = datamodule.dataset("train").pa
+            # an empty training split (a test-only evaluation) leaves the batch's own values to draw from
             self._pools = {a.name: torch.as_tensor(values[a.name]) for a in self.attributes
-                           if a.kind == "continuous"}
+                           if a.kind == "continuous" and len(values[a.name]) > 0}
         except (AttributeError, KeyError, NotImplementedError, TypeError):
             self._pools = {}  # the batch's own values are drawn from instead
 
