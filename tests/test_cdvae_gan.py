@@ -202,8 +202,12 @@ def test_encoder_step_follows_l_div_plus_l_rec(tmp_path):
     rec = (0.5 * ((x_rec - data.x) / 0.3) ** 2).flatten(1).sum(1).mean()
     params = dict(reference.encoder.named_parameters())
     grads = torch.autograd.grad(kl_g + 2.0 * kl_b + rec, list(params.values()))
+    # float32 sums in another order: differences are relative to the largest gradient, not to each entry (a
+    # convolution bias followed by BatchNorm has a gradient that is exactly 0 up to that noise)
+    scale = max(g.abs().max().item() for g in grads)
     for (name, _), g in zip(params.items(), grads, strict=True):
-        torch.testing.assert_close(recorder.steps[0]["grads"][f"encoder.{name}"], g, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(recorder.steps[0]["grads"][f"encoder.{name}"], g, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_prior_samples_and_same_point_passes_do_not_touch_running_statistics(tmp_path):

@@ -96,7 +96,7 @@ def test_fixed_sigma_is_e_to_the_minus_five_and_learned_sigma_is_a_second_head()
 
 @pytest.mark.parametrize("name, shape", [("cvae_morphomnist", (1, 32, 32)), ("cvae_celeba_simple", (3, 64, 64))])
 def test_published_variants_have_the_right_shapes(name, shape):
-    cfg = compose(name)
+    cfg = compose(name, ["model.scm_checkpoint=null"])  # the network alone: no trained SCM needed
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()
     assert model.latent_dim == 16
@@ -122,7 +122,7 @@ def test_parameter_counts_follow_the_published_tables():
     def count(module):
         return sum(p.numel() for p in module.parameters())
 
-    mnist = instantiate(compose("cvae_morphomnist").model)
+    mnist = instantiate(compose("cvae_morphomnist", ["model.scm_checkpoint=null"]).model)
     enc = (1 * 32 * 25 + 32) + 2 * (32 * 32 * 9 + 32) + (512 * 128 + 128) + ((128 + 12) * 128 + 128) + 2 * (128 * 16 + 16)
     dec = ((16 + 12) * 128 + 128) + (128 * 512 + 512) + 2 * (32 * 32 * 9 + 32) + (32 * 16 * 25 + 16) + (16 + 1)
     assert (count(mnist.encoder), count(mnist.decoder)) == (enc, dec) == (107_168, 101_089)

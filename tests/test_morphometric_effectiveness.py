@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.counterfactual_suite import CopyModel
 from callbacks.metrics.effectiveness import MorphometricEffectiveness
 from datamodules.morphomnist import MorphoMNISTDataModule
 from datamodules.synthetic.morphomnist import oracle_measure
-from lightning_modules.base import CounterfactualModule
 from tests.helpers.shared_data import shared_path
 
 
@@ -44,19 +44,6 @@ def test_an_unmeasured_parent_can_be_intervened_on():
     assert out[("digit", "intensity")].item() == pytest.approx(5.0)
 
 
-class _Unchanged(CounterfactualModule):
-    """x* = x: its morphometric effectiveness must equal the callback's do-nothing reference exactly."""
-
-    def abduct(self, x, pa):
-        return x
-
-    def predict(self, noise, pa):
-        return noise
-
-    def test_step(self, batch, batch_idx):
-        return None
-
-
 @pytest.mark.data
 def test_the_callback_reports_what_doing_nothing_scores():
     import pytorch_lightning as pl
@@ -69,7 +56,7 @@ def test_the_callback_reports_what_doing_nothing_scores():
                                      per_sample_csv=False)
     trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
-    trainer.test(_Unchanged(), datamodule=dm, verbose=False)
+    trainer.test(CopyModel(), datamodule=dm, verbose=False)  # x* = x
     results = callback.results["test"]
     for do in ("thickness", "digit"):
         for measured in ("thickness", "intensity"):
