@@ -338,7 +338,8 @@ class CelebADataModule(CounterfactualDataModule):
             if self.crop_size > min(w, h):
                 raise ValueError(f"crop_size={self.crop_size} is larger than the {w}x{h} images in {image_dir}; "
                                  f"set crop_size=null (or smaller) for this data")
-        self.cache_decoded(dataset, split, (self.image_size, self.image_size, 3), "CelebA")
+        self.cache_decoded(dataset, split, (self.image_size, self.image_size, 3),
+                          "CelebA" if self.builder is None else "synthetic faces")
         return dataset
 
     def train_sampler_weights(self) -> torch.Tensor | None:
