@@ -300,12 +300,17 @@ class CounterfactualMetrics(StagedEvaluation):
                                      self._pools, uniforms)
                 do = {k: v.to(x.device) for k, v in draw.values.items()}
                 cf_pa = self._cf_parents(pl_module, pa, do)
-                x_cf = pl_module.counterfactual(x, pa, do)
+                # The propagated descendants join the intervention, so x* is predicted from exactly the parents
+                # it is judged against: the attribute mechanisms run once, and a stochastic one (Gumbel-max
+                # abduction) is not sampled a second time inside counterfactual().
+                moved = {k: v for k, v in cf_pa.items() if k not in do and not torch.equal(v, pa[k])}
+                x_cf = pl_module.counterfactual(x, pa, {**moved, **do})
                 m[f"reversibility/{target}"].update(pl_module, x, pa, cf_pa, index)
                 if "effectiveness" in m:
                     m["effectiveness"].update(self._predictors.predict_parents(x_cf, cf_pa), cf_pa, target)
                 if "morpho_effectiveness" in m:
-                    from datamodules.synthetic.morphomnist import oracle_measure  # scikit-image, MorphoMNIST only
+                    # imported here: scikit-image, needed by MorphoMNIST only
+                    from datamodules.synthetic.morphomnist import oracle_measure
 
                     measured = dict(zip(("thickness", "intensity"), oracle_measure(x_cf), strict=True))
                     m["morpho_effectiveness"].update(measured, cf_pa, target)

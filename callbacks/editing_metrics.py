@@ -62,7 +62,12 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.classification import BinaryAccuracy
 
-from callbacks.metrics.editing import EditSuccessRate, FlipSuccessRate, ReconstructionMSE, TrueCounterfactualError
+from callbacks.metrics.editing import (
+    EditSuccessRate,
+    FlipSuccessRate,
+    ReconstructionMSE,
+    TrueCounterfactualError,
+)
 from lightning_modules.base import CounterfactualModule
 
 __all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_oracle"]

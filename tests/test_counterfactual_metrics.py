@@ -150,3 +150,20 @@ def test_per_sample_csv_has_one_row_per_test_image(tmp_path):
     assert set(rows[0]) == {"index", "composition/l1/1", "reversibility/b/l1", "reversibility/c/l1"}
     assert all(float(r["composition/l1/1"]) == 0.0 for r in rows)
     assert (tmp_path / "images" / "test_composition_best_median_worst.png").is_file()
+
+
+class NoisyPropagationModel(WritingModel):
+    """An SCM-like model whose do(b) moves c by a fresh random amount on every call (as a stochastic
+    abduction would): the image must be predicted from the very parents effectiveness is judged against."""
+
+    def counterfactual_parents(self, pa, do):
+        out = {**pa, **do}
+        if "b" in do and "c" not in do:  # an intervened descendant keeps its do value, as in AttributeSCM
+            out["c"] = (pa["c"] + 0.5 * torch.rand_like(pa["c"])).clamp(-1, 1)
+        return out
+
+
+def test_the_image_is_predicted_from_the_judged_parents(tmp_path):
+    results = _run(NoisyPropagationModel(), tmp_path)
+    assert results["test/effectiveness/do_b/c"] == pytest.approx(0.0, abs=1e-6)
+    assert results["test/effectiveness/do_b/b"] == 1.0
