@@ -51,7 +51,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from callbacks.editing_metrics import StagedEvaluation, evaluation_mode
+from callbacks.editing_metrics import StagedEvaluation, evaluation_mode, load_oracle
 from callbacks.image_grids import counterfactual_grid
 from callbacks.logging_utils import log_image, save_png
 from callbacks.metrics.composition import Composition, Reversibility
@@ -88,7 +88,11 @@ class CounterfactualMetrics(StagedEvaluation):
     :param predictors: an ``AntiCausalPredictor`` checkpoint or module (``predict_parents``, ``features``);
         ``None`` skips effectiveness.
     :param vae: an unconditional ``VAE`` checkpoint or module (``posterior``); ``None`` skips CLD.
-    :param fid: ``None``, ``"fid_domain"`` (the predictors' features) or ``"fid_inception"``.
+    :param fid: ``None``, ``"fid_domain"`` (the features of ``fid_features``, by default the predictors') or
+        ``"fid_inception"``.
+    :param fid_features: the feature network of ``fid_domain`` when it is not the predictors: a module with
+        ``features(x)`` or an ``AttributeClassifier`` checkpoint (an editing oracle, e.g. where there are no
+        anti-causal predictors or no Inception weights).
     :param fid_real: ``"train"`` (published: the training split; ``fid_real_batches`` caps it) or ``"eval"``.
     :param morphometric: also measure thickness and intensity of x* (MorphoMNIST only).
     :param per_sample_csv: in test, also write ``per_sample.csv`` (dataset index, composition and reversibility
@@ -110,6 +114,7 @@ class CounterfactualMetrics(StagedEvaluation):
         fid: str | None = None,
         fid_real: str = "train",
         fid_real_batches: int | None = None,
+        fid_features: str | os.PathLike | nn.Module | None = None,
         morphometric: bool = False,
         true_counterfactuals: bool = True,
         per_sample_csv: bool = True,
@@ -130,8 +135,10 @@ class CounterfactualMetrics(StagedEvaluation):
             raise ValueError("every_n_epochs and limit_val_batches must be >= 1")
         if "embedding" in distances and predictors is None:
             raise ValueError("the 'embedding' distance uses the predictors' features: set `predictors`")
-        if fid == "fid_domain" and predictors is None:
-            raise ValueError("fid_domain uses the predictors' features: set `predictors`")
+        if fid == "fid_domain" and predictors is None and fid_features is None:
+            raise ValueError("fid_domain needs a feature network: set `predictors` or `fid_features`")
+        if fid_features is not None and fid != "fid_domain":
+            raise ValueError(f"fid_features is the feature network of fid_domain, but fid is {fid!r}")
         self.intervene = None if intervene is None else [str(p) for p in intervene]
         self.composition_m = tuple(int(m) for m in composition_m)
         self.distance_names = tuple(distances)
@@ -144,6 +151,14 @@ class CounterfactualMetrics(StagedEvaluation):
             predictors, "lightning_modules.predictors.AntiCausalPredictor", predictors_experiment or "<predictors>")
         self._vae = vae if isinstance(vae, nn.Module) or vae is None else _load(
             vae, "lightning_modules.vae.VAE", vae_experiment or "<vae>")
+        if fid_features is None or isinstance(fid_features, nn.Module):
+            self._fid_features = fid_features
+        else:
+            path = Path(fid_features).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"fid_features checkpoint {str(path)!r} does not exist; train the attribute "
+                                        "classifier it names or point `fid_features` at its checkpoint.")
+            self._fid_features = load_oracle(path)  # shared with the editing callbacks that judge with it
         self._metrics: dict[str, nn.ModuleDict] = {}
         self._attributes: tuple = ()
         self._targets: list[str] = []
@@ -163,7 +178,7 @@ class CounterfactualMetrics(StagedEvaluation):
         if missing:
             raise ValueError(f"intervene lists {missing}, which are not parents of the data ({names})")
         self._targets = list(targets)
-        for module in (self._predictors, self._vae):
+        for module in (self._predictors, self._vae, self._fid_features):
             if module is not None:
                 module.eval()
                 module.requires_grad_(False)
@@ -209,7 +224,7 @@ class CounterfactualMetrics(StagedEvaluation):
         if self._vae is not None:
             m["cld"] = CounterfactualLatentDivergence(self._attributes, *self.cld_weights)
         if self.fid == "fid_domain":
-            features = _Features(self._predictors)
+            features = _Features(self._fid_features if self._fid_features is not None else self._predictors)
             with torch.no_grad():  # the feature size, from one blank image (the predictors are in eval mode)
                 width = features(torch.zeros(1, *self._image_shape)).shape[1]
             m["fid"] = FID("fid_domain", model=features, num_features=width)
@@ -232,7 +247,7 @@ class CounterfactualMetrics(StagedEvaluation):
         self._metrics[stage].to(pl_module.device)
         for metric in self._metrics[stage].values():
             metric.reset()
-        for module in (self._predictors, self._vae):
+        for module in (self._predictors, self._vae, self._fid_features):
             if module is not None:
                 module.to(pl_module.device)
         self._pools = self._split_pools(trainer, stage)
@@ -426,11 +441,11 @@ class CounterfactualMetrics(StagedEvaluation):
 
 
 class _Features(nn.Module):
-    """The predictors' penultimate features as a feature extractor (for embedding L1 and FID)."""
+    """A network's penultimate features as a feature extractor (for embedding L1 and FID)."""
 
-    def __init__(self, predictors: nn.Module) -> None:
+    def __init__(self, network: nn.Module) -> None:
         super().__init__()
-        self.predictors = predictors
+        self.network = network
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.predictors.features(x)
+        return self.network.features(x)

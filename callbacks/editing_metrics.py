@@ -75,12 +75,29 @@ __all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "lo
 STAGES = ("val", "test")
 
 
+#: resolved checkpoint path -> ((mtime_ns, size), loaded oracle): see ``load_oracle``.
+_LOADED_ORACLES: dict[str, tuple[tuple[int, int], nn.Module]] = {}
+
+
 def load_oracle(path: str | os.PathLike) -> nn.Module:
-    """Load the independent attribute classifier (``AttributeClassifier``) from a checkpoint, on the CPU."""
+    """Load the independent attribute classifier (``AttributeClassifier``) from a checkpoint, on the CPU.
+
+    One module per checkpoint file: an evaluation config judges several attributes with the same oracle (one
+    callback per attribute, e.g. CDVAE-GAN's seven) and they share it instead of loading seven copies. The
+    oracle is frozen in eval mode by every user, so sharing it is safe; a checkpoint rewritten since (a newer
+    mtime or size) is loaded afresh.
+    """
     # Imported here so that this module (and its tests, which use a fake oracle) do not depend on it.
     from lightning_modules.attribute_classifier import AttributeClassifier
 
-    return AttributeClassifier.load_from_checkpoint(path, map_location="cpu")
+    resolved = Path(path).expanduser().resolve()
+    stat = resolved.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _LOADED_ORACLES.get(str(resolved))
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, AttributeClassifier.load_from_checkpoint(resolved, map_location="cpu"))
+        _LOADED_ORACLES[str(resolved)] = cached
+    return cached[1]
 
 
 @contextmanager

@@ -68,6 +68,14 @@ class AttributeClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's penultimate features [B, D] (a feature space for FID on the classifier's domain)."""
+        features = getattr(self.network, "features", None)
+        if features is None:
+            raise TypeError(f"{type(self.network).__name__} has no `features` method: it cannot serve as a "
+                            "feature extractor (use ConvClassifier)")
+        return features(x)
+
     def predict_attributes(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{attribute: P(attribute = 1 | x)} with tensors [B]."""
         probs = torch.sigmoid(self.network(x))

@@ -338,6 +338,42 @@ def test_real_attribute_classifier_as_oracle(tmp_path) -> None:
     assert f"test/edit/{ATTR}/C_pos_all" in logged
 
 
+def test_callbacks_judging_with_one_checkpoint_share_one_oracle(tmp_path) -> None:
+    import os
+
+    from callbacks.editing_metrics import load_oracle
+    from lightning_modules.attribute_classifier import AttributeClassifier
+    from lightning_modules.networks.classifiers import ConvClassifier
+
+    classifier = AttributeClassifier(ConvClassifier(8, CHANNELS, base_width=4, n_outputs=1), [ATTR])
+    checkpoint = tmp_path / "classifier.ckpt"
+    trainer = make_trainer(tmp_path, [])
+    trainer.validate(classifier, datamodule=TinyEditingData(size=8), verbose=False)
+    trainer.save_checkpoint(checkpoint)
+    first, second = (AttributeEditingMetrics(ATTR, oracle=str(checkpoint)) for _ in range(2))
+    make_trainer(tmp_path, [first, second]).test(FakeEditor(), datamodule=TinyEditingData(size=8), verbose=False)
+    assert first._oracle is second._oracle is load_oracle(checkpoint)
+    # A retrained oracle (a rewritten checkpoint) is read afresh, not served from the cache.
+    stat = checkpoint.stat()
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert load_oracle(checkpoint) is not first._oracle
+
+
+def test_attribute_classifier_features_are_the_heads_input() -> None:
+    from lightning_modules.attribute_classifier import AttributeClassifier
+    from lightning_modules.networks.classifiers import ConvClassifier
+
+    classifier = AttributeClassifier(ConvClassifier(8, CHANNELS, base_width=4, n_outputs=2), [ATTR, "other"]).eval()
+    x = torch.rand(5, CHANNELS, 8, 8)
+    with torch.no_grad():
+        features = classifier.features(x)
+        assert features.shape == (5, classifier.network.trunk.out_features)
+        assert torch.allclose(classifier.network.head(features), classifier(x))
+    headless = AttributeClassifier(nn.Sequential(nn.Flatten(), nn.Linear(CHANNELS * 64, 1)), [ATTR])
+    with pytest.raises(TypeError, match="has no `features` method"):
+        headless.features(x)
+
+
 def test_callbacks_leave_global_rng_and_modes_untouched(tmp_path) -> None:
     def rng_after_validate(callbacks) -> torch.Tensor:
         torch.manual_seed(123)

@@ -128,6 +128,33 @@ def test_a_model_that_ignores_interventions_fails_effectiveness_but_not_composit
     assert r["test/true_cf/do_b/mse"] > 0
 
 
+class ScaledFeatures(nn.Module):
+    """A stand-in feature network (an oracle's ``features``): the pixels times ``scale``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def features(self, x):
+        return self.scale * x.flatten(1)
+
+
+def test_fid_domain_uses_fid_features_instead_of_the_predictors(tmp_path):
+    # FID is quadratic in the features (mean distance squared, covariance traces): features twice the
+    # predictors' give exactly four times the FID, so the callback must have measured with `fid_features`.
+    predictors_fid = _run(WritingModel(), tmp_path)["test/fid_domain"]
+    doubled_fid = _run(WritingModel(), tmp_path, fid_features=ScaledFeatures(2.0))["test/fid_domain"]
+    assert predictors_fid > 0
+    assert doubled_fid == pytest.approx(4 * predictors_fid, rel=1e-6)
+    with pytest.raises(ValueError, match="fid_features is the feature network of fid_domain"):
+        CounterfactualMetrics(fid="fid_inception", fid_features=ScaledFeatures(1.0))
+    with pytest.raises(ValueError, match="set `predictors` or `fid_features`"):
+        CounterfactualMetrics(fid="fid_domain")
+    missing = tmp_path / "no_oracle.ckpt"
+    with pytest.raises(FileNotFoundError, match="no_oracle.ckpt"):
+        CounterfactualMetrics(fid="fid_domain", fid_features=str(missing))
+
+
 def test_interventions_must_be_parents_and_embedding_needs_predictors(tmp_path):
     with pytest.raises(ValueError, match="uses the predictors' features"):
         CounterfactualMetrics(distances=("embedding",))

@@ -78,5 +78,9 @@ class ConvClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.trunk.out_features, n_outputs))
         init_weights(self, init)
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate (flattened trunk) features [B, trunk.out_features], e.g. for a domain FID."""
+        return self.trunk(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
+        return self.head(self.features(x))
