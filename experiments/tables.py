@@ -7,6 +7,11 @@ the paper's values for the model of the same label beside ours, and the error ag
 when the data were built by this project. Labels are the paper's row names
 (``"VAE (fixed σ)"``, ``"VAE (learned σ)"``, ``"HVAE"``, ``"GAN"``, ``"GAN fine-tuned"``); another label is shown
 without paper values.
+
+``python -m experiments.tables --cdvae LABEL=RUN_DIR ...`` prints CDVAE-GAN's Tables 2 (FID of the
+counterfactuals) and 3 (the oracle's accuracy on the flipped attribute, beside its accuracy on real test
+images) for runs evaluated with ``configs/callbacks/cdvae.yaml``, and their true-counterfactual errors; labels
+``"VAE"``, ``"VAE-GAN"`` and ``"CDVAE-GAN"`` get the paper's values.
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ PAPER_REALISM = {  # FID, CLD, P(S_x* <= div), P(S_x >= div)
     "GAN fine-tuned": (35.568, 0.286, 0.119, 0.764),
 }
 PARENTS = ("thickness", "intensity", "digit")
+
+# cdvae_gan Tables 2 and 3 (CelebA 64x64, Inception FID; accuracy of the flipped attribute, %).
+CDVAE_ATTRIBUTES = ("Bangs", "Black_Hair", "Blond_Hair", "Male", "Mustache", "Mouth_Slightly_Open", "Smiling")
+PAPER_CDVAE_FID = {"VAE": 122.86, "VAE-GAN": 48.46, "CDVAE-GAN": 34.24}
+PAPER_CDVAE_ORACLE = {  # the classifier on real images: train, test
+    "Bangs": (92.9, 87.2), "Black_Hair": (79.5, 78.9), "Blond_Hair": (85.9, 85.1), "Male": (88.3, 87.5),
+    "Mustache": (90.4, 86.0), "Mouth_Slightly_Open": (77.9, 76.0), "Smiling": (89.9, 88.4),
+}
+PAPER_CDVAE_ACCURACY = {
+    "VAE": (52.4, 52.4, 60.1, 52.2, 81.9, 55.8, 72.9),
+    "VAE-GAN": (66.6, 68.2, 62.4, 51.3, 81.3, 70.3, 75.0),
+    "CDVAE-GAN": (73.79, 70.03, 71.37, 72.37, 83.08, 75.47, 81.62),
+}
 
 
 def _fmt(value: float | None, std: float | None = None) -> str:
@@ -110,8 +128,54 @@ def truth_table(runs: dict[str, tuple[dict, dict]]) -> str:
     return "\n".join(rows)
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def cdvae_fid_table(runs: dict[str, tuple[dict, dict]]) -> str:
+    """Table 2: FID between the flipped images (one of the seven attributes per test image) and real images,
+    in whichever feature space the run measured (``fid_inception`` as published, or ``fid_domain``)."""
+    rows = ["| model | FID of counterfactuals | features |", "|---|---|---|"]
+    for label, (m, s) in runs.items():
+        key = next((k for k in ("test/fid_inception", "test/fid_domain") if k in m), None)
+        paper = PAPER_CDVAE_FID.get(label)
+        cell = _cell(m, s, key) if key else "–"
+        where = key.split("_", 1)[1] if key else "–"
+        rows.append(f"| {label} | {cell} ({'–' if paper is None else f'{paper:.2f}'}) | {where} |")
+    return "\n".join(rows)
+
+
+def cdvae_accuracy_table(runs: dict[str, tuple[dict, dict]]) -> str:
+    """Table 3: the oracle's accuracy on do(a = 1 - a) over all test images (``edit/<a>/flip_acc``) per model,
+    after the oracle's own accuracy on the real test images (from the first run; every run should share it)."""
+    labels = list(runs)
+    head = " | ".join(labels)
+    rows = [f"| attribute | oracle on real test images | {head} |", "|---|---|" + "---|" * len(labels)]
+    first = next(iter(runs.values()), ({}, {}))[0]
+    for i, a in enumerate(CDVAE_ATTRIBUTES):
+        paper_test = PAPER_CDVAE_ORACLE[a][1]
+        cells = []
+        for label, (m, _) in runs.items():
+            paper = PAPER_CDVAE_ACCURACY.get(label)
+            cells.append(f"{_percent(m.get(f'test/edit/{a}/flip_acc'))} ({'–' if paper is None else f'{paper[i]}%'})")
+        rows.append(f"| {a} | {_percent(first.get(f'test/acc/oracle/{a}'))} ({paper_test}%) | " + " | ".join(cells)
+                    + " |")
+    return "\n".join(rows)
+
+
+def cdvae_truth_table(runs: dict[str, tuple[dict, dict]]) -> str:
+    """Pixel MSE of each flip against the rendered true counterfactual (synthetic faces only)."""
+    rows = ["| model | " + " | ".join(CDVAE_ATTRIBUTES) + " |", "|---|" + "---|" * len(CDVAE_ATTRIBUTES)]
+    for label, (m, s) in runs.items():
+        rows.append(f"| {label} | " + " | ".join(_cell(m, s, f"test/true_cf/do_{a}/mse") for a in CDVAE_ATTRIBUTES)
+                    + " |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cdvae = bool(argv) and argv[0] == "--cdvae"
+    argv = argv[1:] if cdvae else argv
     if not argv or any("=" not in a for a in argv):
         print(__doc__)
         return 2
@@ -121,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if cdvae:
+        print("FID of the counterfactuals (Table 2): ours (paper, Inception features on CelebA)\n\n"
+              + cdvae_fid_table(runs))
+        print("\nAccuracy of the flipped attribute by the independent classifier (Table 3): ours (paper)\n\n"
+              + cdvae_accuracy_table(runs))
+        print("\nPixel MSE against the true counterfactuals (synthetic faces only; not in the paper)\n\n"
+              + cdvae_truth_table(runs))
+        return 0
     print("Composition (Table 1): ours (paper)\n\n" + composition_table(runs))
     print("\nEffectiveness by the anti-causal predictors (Table 3): ours (paper)\n\n" + effectiveness_table(runs))
     print("\nEffectiveness measured by morphometrics on x* (what x* = x scores in brackets: a model moves a parent "

@@ -35,3 +35,21 @@ def test_truth_table_reads_the_true_counterfactual_errors(tmp_path):
 
     run = load(_run(tmp_path, {"test/true_cf/do_thickness/mse": 0.5, "test/true_cf/do_intensity/l1": 0.25}))
     assert truth_table({"m": run}).splitlines()[2] == "| m | 0.500 | – | – | 0.250 |"
+
+
+def test_cdvae_tables_put_the_papers_values_beside_ours(tmp_path, capsys):
+    from experiments.tables import cdvae_accuracy_table, cdvae_fid_table, cdvae_truth_table
+
+    metrics = {"test/fid_domain": 12.5, "test/edit/Bangs/flip_acc": 0.75, "test/acc/oracle/Bangs": 0.986,
+               "test/edit/Smiling/flip_acc": 0.5, "test/true_cf/do_Male/mse": 0.0125}
+    runs = {"CDVAE-GAN": load(_run(tmp_path / "a", metrics)), "mine": load(_run(tmp_path / "b", {}))}
+    fid = cdvae_fid_table(runs).splitlines()
+    assert fid[2] == "| CDVAE-GAN | 12.500 (34.24) | domain |"
+    assert fid[3] == "| mine | – (–) | – |"
+    accuracy = cdvae_accuracy_table(runs).splitlines()
+    assert accuracy[0] == "| attribute | oracle on real test images | CDVAE-GAN | mine |"
+    assert accuracy[2] == "| Bangs | 98.6% (87.2%) | 75.0% (73.79%) | – (–) |"
+    assert accuracy[8] == "| Smiling | – (88.4%) | 50.0% (81.62%) | – (–) |"
+    assert cdvae_truth_table(runs).splitlines()[2] == "| CDVAE-GAN | – | – | – | 0.013 | – | – | – |"
+    assert main(["--cdvae", f"VAE={tmp_path / 'a'}"]) == 0
+    assert "| VAE | 12.500 (122.86) | domain |" in capsys.readouterr().out
