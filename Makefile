@@ -16,7 +16,7 @@ SWEEP ?= configs/sweep/ifcvae_grid.yaml
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: help install train eval sweep test test-all lint bench quickstart reproduce-morphomnist data-faces data-morphomnist data-chest clean
+.PHONY: help install train eval sweep test test-all lint bench quickstart reproduce-morphomnist reproduce-cdvae data-faces data-morphomnist data-chest clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -63,6 +63,12 @@ reproduce-morphomnist: $(STAMP) ## Deep-SCM benchmark on the offline MorphoMNIST
 		"VAE (learned σ)=runs/cvae_learned_sigma_morphomnist_synth/latest" "HVAE=runs/hvae_morphomnist_synth/latest" \
 		"HVAE fine-tuned=runs/hvae_cf_morphomnist_synth/latest" "GAN=runs/bigan_morphomnist_synth/latest" \
 		"GAN fine-tuned=runs/bigan_cyclic_morphomnist_synth/latest"
+
+CDVAE_FACES = classifier_celeba_38_synth cdvaegan_celeba_synth vae_bernoulli_celeba_synth vaegan_celeba_synth
+reproduce-cdvae: $(STAMP) ## CDVAE-GAN and its baselines on the synthetic faces: train all, print Tables 2/3 (CPU, ~1.5 h)
+	for e in $(CDVAE_FACES); do $(BIN)/python -m experiments $$e $(ARGS) || exit 1; done
+	$(BIN)/python -m experiments.tables --cdvae "VAE=runs/vae_bernoulli_celeba_synth/latest" \
+		"VAE-GAN=runs/vaegan_celeba_synth/latest" "CDVAE-GAN=runs/cdvaegan_celeba_synth/latest"
 
 data-faces: $(STAMP) ## Generate the synthetic faces (CelebA layout) into data/ without training
 	$(BIN)/python -m datamodules.synthetic.faces $(ARGS)
