@@ -80,11 +80,14 @@ def _checkpoint_callbacks(cfg: DictConfig, run_dir: Path) -> list[ModelCheckpoin
     """``last.ckpt`` every ``every_n_epochs`` (what resuming needs) and ``best.ckpt`` by ``checkpoint.monitor``.
 
     Two callbacks, because Lightning's ``save_last`` only refreshes last.ckpt when the monitored metric improves.
+    last.ckpt is written at the end of each training epoch (Lightning's choice when every epoch validates) also
+    with ``trainer.check_val_every_n_epoch`` > 1, where Lightning would save it only in validated epochs: an
+    interrupted run would lose the epochs since, and a run would end without the weights of its last epochs.
     """
     ck = cfg.checkpoint
     common = dict(dirpath=run_dir / "checkpoints", every_n_epochs=ck.every_n_epochs,
                   every_n_train_steps=ck.every_n_train_steps, enable_version_counter=False)
-    last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, **common)
+    last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, save_on_train_epoch_end=True, **common)
     if not ck.monitor:
         return [last]
     return [ModelCheckpoint(filename="best", monitor=ck.monitor, mode=ck.mode, save_top_k=1, **common), last]
