@@ -51,7 +51,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from callbacks.editing_metrics import StagedEvaluation, evaluation_mode, load_oracle
+from callbacks.editing_metrics import StagedEvaluation, evaluation_mode, load_frozen
 from callbacks.image_grids import counterfactual_grid
 from callbacks.logging_utils import log_image, save_png
 from callbacks.metrics.composition import Composition, Reversibility
@@ -158,7 +158,7 @@ class CounterfactualMetrics(StagedEvaluation):
             if not path.is_file():
                 raise FileNotFoundError(f"fid_features checkpoint {str(path)!r} does not exist; train the attribute "
                                         "classifier it names or point `fid_features` at its checkpoint.")
-            self._fid_features = load_oracle(path)  # shared with the editing callbacks that judge with it
+            self._fid_features = load_frozen(path)
         self._metrics: dict[str, nn.ModuleDict] = {}
         self._attributes: tuple = ()
         self._targets: list[str] = []
@@ -252,11 +252,13 @@ class CounterfactualMetrics(StagedEvaluation):
                 module.to(pl_module.device)
         self._pools = self._split_pools(trainer, stage)
         if self.fid is not None and self.fid_real == "train":
-            loader = trainer.datamodule.train_dataloader()
-            for i, batch in enumerate(loader):
-                if self.fid_real_batches is not None and i >= self.fid_real_batches:
-                    break
-                self._metrics[stage]["fid"].update(batch["x"].to(pl_module.device), real=True)
+            # A shuffled loader draws its order (and its workers' seeds) from the global RNG: under fork_rng,
+            # validating with FID leaves the training run's random stream as it would be without it.
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                for i, batch in enumerate(trainer.datamodule.train_dataloader()):
+                    if self.fid_real_batches is not None and i >= self.fid_real_batches:
+                        break
+                    self._metrics[stage]["fid"].update(batch["x"].to(pl_module.device), real=True)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

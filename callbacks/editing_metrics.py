@@ -70,34 +70,29 @@ from callbacks.metrics.editing import (
 )
 from lightning_modules.base import CounterfactualModule
 
-__all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_oracle"]
+__all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_frozen", "load_oracle"]
 
 STAGES = ("val", "test")
-
-
-#: resolved checkpoint path -> ((mtime_ns, size), loaded oracle): see ``load_oracle``.
-_LOADED_ORACLES: dict[str, tuple[tuple[int, int], nn.Module]] = {}
 
 
 def load_oracle(path: str | os.PathLike) -> nn.Module:
     """Load the independent attribute classifier (``AttributeClassifier``) from a checkpoint, on the CPU.
 
-    One module per checkpoint file: an evaluation config judges several attributes with the same oracle (one
-    callback per attribute, e.g. CDVAE-GAN's seven) and they share it instead of loading seven copies. The
-    oracle is frozen in eval mode by every user, so sharing it is safe; a checkpoint rewritten since (a newer
-    mtime or size) is loaded afresh.
+    Every call builds a new module, whose weight initialisation draws from the global RNG before the checkpoint
+    overwrites it. Runs are seeded before their callbacks load oracles, so that draw is part of every published
+    run's random stream; sharing one module between callbacks (or loading under a forked RNG) would change the
+    training of every run that judges with an oracle. New loaders use ``load_frozen`` instead.
     """
     # Imported here so that this module (and its tests, which use a fake oracle) do not depend on it.
     from lightning_modules.attribute_classifier import AttributeClassifier
 
-    resolved = Path(path).expanduser().resolve()
-    stat = resolved.stat()
-    stamp = (stat.st_mtime_ns, stat.st_size)
-    cached = _LOADED_ORACLES.get(str(resolved))
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, AttributeClassifier.load_from_checkpoint(resolved, map_location="cpu"))
-        _LOADED_ORACLES[str(resolved)] = cached
-    return cached[1]
+    return AttributeClassifier.load_from_checkpoint(path, map_location="cpu")
+
+
+def load_frozen(path: str | os.PathLike) -> nn.Module:
+    """``load_oracle`` without touching the global RNG: for evaluation networks that no published run loaded."""
+    with torch.random.fork_rng(devices=[]):
+        return load_oracle(path)
 
 
 @contextmanager

@@ -338,10 +338,8 @@ def test_real_attribute_classifier_as_oracle(tmp_path) -> None:
     assert f"test/edit/{ATTR}/C_pos_all" in logged
 
 
-def test_callbacks_judging_with_one_checkpoint_share_one_oracle(tmp_path) -> None:
-    import os
-
-    from callbacks.editing_metrics import load_oracle
+def test_load_frozen_leaves_the_global_rng_alone(tmp_path) -> None:
+    from callbacks.editing_metrics import load_frozen, load_oracle
     from lightning_modules.attribute_classifier import AttributeClassifier
     from lightning_modules.networks.classifiers import ConvClassifier
 
@@ -350,13 +348,12 @@ def test_callbacks_judging_with_one_checkpoint_share_one_oracle(tmp_path) -> Non
     trainer = make_trainer(tmp_path, [])
     trainer.validate(classifier, datamodule=TinyEditingData(size=8), verbose=False)
     trainer.save_checkpoint(checkpoint)
-    first, second = (AttributeEditingMetrics(ATTR, oracle=str(checkpoint)) for _ in range(2))
-    make_trainer(tmp_path, [first, second]).test(FakeEditor(), datamodule=TinyEditingData(size=8), verbose=False)
-    assert first._oracle is second._oracle is load_oracle(checkpoint)
-    # A retrained oracle (a rewritten checkpoint) is read afresh, not served from the cache.
-    stat = checkpoint.stat()
-    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert load_oracle(checkpoint) is not first._oracle
+    state = torch.get_rng_state()
+    frozen = load_frozen(checkpoint)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(v, classifier.state_dict()[k]) for k, v in frozen.state_dict().items())
+    load_oracle(checkpoint)  # the published runs' loader draws the initial weights from it
+    assert not torch.equal(torch.get_rng_state(), state)
 
 
 def test_attribute_classifier_features_are_the_heads_input() -> None:

@@ -155,6 +155,29 @@ def test_fid_domain_uses_fid_features_instead_of_the_predictors(tmp_path):
         CounterfactualMetrics(fid="fid_domain", fid_features=str(missing))
 
 
+class AugmentedTrainingData(PixelParentsData):
+    """Training batches through a random augmentation that draws from the global RNG (as torchvision's do)."""
+
+    def train_dataloader(self):
+        return ({**batch, "x": batch["x"] + 0 * torch.rand_like(batch["x"])} for batch in super().train_dataloader())
+
+
+def test_fid_on_the_training_split_leaves_the_global_rng_alone(tmp_path):
+    # The real-image pass iterates the training pipeline, whose augmentations may draw from the global RNG; in
+    # validation during fit that would change the training run being measured.
+    def rng_after_test(callbacks) -> torch.Tensor:
+        torch.manual_seed(7)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+        trainer.test(WritingModel(), datamodule=AugmentedTrainingData(), verbose=False)
+        return torch.get_rng_state()
+
+    fid = CounterfactualMetrics(fid="fid_domain", fid_real="train", fid_features=ScaledFeatures(1.0),
+                                composition_m=(1,), per_sample_csv=False)
+    assert torch.equal(rng_after_test([fid]), rng_after_test([]))
+    assert fid.results["test"]["test/fid_domain"] > 0
+
+
 def test_interventions_must_be_parents_and_embedding_needs_predictors(tmp_path):
     with pytest.raises(ValueError, match="uses the predictors' features"):
         CounterfactualMetrics(distances=("embedding",))
