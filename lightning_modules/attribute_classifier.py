@@ -62,6 +62,7 @@ class AttributeClassifier(pl.LightningModule):
         else:
             self.save_hyperparameters({"network": config})
         # One metric per stage and attribute, indexed by position (a ModuleDict rejects names with dots).
+        self.train_acc = nn.ModuleList(BinaryAccuracy() for _ in self.attributes)
         self.val_acc = nn.ModuleList(BinaryAccuracy() for _ in self.attributes)
         self.test_acc = nn.ModuleList(BinaryAccuracy() for _ in self.attributes)
 
@@ -92,8 +93,10 @@ class AttributeClassifier(pl.LightningModule):
         if self.hparams.hflip:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        loss = bce_with_logits(self.network(x), y)
+        logits = self.network(x)
+        loss = bce_with_logits(logits, y)
         self.log("train/loss", loss, batch_size=x.shape[0])
+        self._update_accuracy(logits.detach(), y, self.train_acc)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -106,10 +109,19 @@ class AttributeClassifier(pl.LightningModule):
         x, y = batch["x"], self._targets(batch["pa"])
         logits = self.network(x)
         self.log(f"{stage}/loss", bce_with_logits(logits, y), batch_size=x.shape[0])
+        self._update_accuracy(logits, y, metrics)
+
+    @staticmethod
+    def _update_accuracy(logits: torch.Tensor, y: torch.Tensor, metrics: nn.ModuleList) -> None:
         # Probabilities, not logits: BinaryAccuracy applies a sigmoid only when some value lies outside [0, 1].
         probs = torch.sigmoid(logits)
         for i, metric in enumerate(metrics):
             metric.update(probs[:, i], y[:, i].long())
+
+    def on_train_epoch_end(self) -> None:
+        # The training accuracy as it is usually reported (CDVAE-GAN Table 3's Train column): over the epoch's
+        # batches as they were trained on (train mode, augmented, weights changing within the epoch).
+        self._log_accuracy("train", self.train_acc)
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracy("val", self.val_acc)

@@ -93,3 +93,20 @@ def test_hflip_training_step_runs_and_mismatch_is_rejected(tmp_path):
         AttributeClassifier(ConvClassifier(SIZE, 3, 8, n_outputs=3), ATTRS)
     with pytest.raises(KeyError, match="Eyeglasses"):
         model._targets({"Smiling": torch.zeros(2)})
+
+
+def test_training_accuracy_is_over_the_epochs_batches(tmp_path):
+    # lr = 0 and a network without dropout or BatchNorm: the weights the epoch trains on are the initial ones,
+    # so the logged training accuracy must equal the accuracy of those weights over all training images.
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, len(ATTRS)))
+    model = AttributeClassifier(network, ATTRS, lr=0.0)
+    data = TwoSquares(40, seed=3)
+    with torch.no_grad():
+        expected = ((network(data.x) > 0).float() == data.y).float().mean(0)
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.fit(model, DataLoader(data, batch_size=16))
+    logged = trainer.callback_metrics
+    for i, name in enumerate(ATTRS):
+        assert logged[f"train/acc/{name}"].item() == pytest.approx(expected[i].item(), abs=1e-6)
+    assert logged["train/acc_mean"].item() == pytest.approx(expected.mean().item(), abs=1e-6)
