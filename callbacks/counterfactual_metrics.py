@@ -252,8 +252,8 @@ class CounterfactualMetrics(StagedEvaluation):
                 module.to(pl_module.device)
         self._pools = self._split_pools(trainer, stage)
         if self.fid is not None and self.fid_real == "train":
-            # A shuffled loader draws its order (and its workers' seeds) from the global RNG: under fork_rng,
-            # validating with FID leaves the training run's random stream as it would be without it.
+            # A training pipeline may draw from the global RNG (random augmentations, a loader without its own
+            # generator): under fork_rng, validating with FID leaves the training run's stream untouched.
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 for i, batch in enumerate(trainer.datamodule.train_dataloader()):
                     if self.fid_real_batches is not None and i >= self.fid_real_batches:
