@@ -21,6 +21,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy
 
+from lightning_modules.base import binary_label_matrix
 from lightning_modules.losses import bce_with_logits
 from lightning_modules.networks.blocks import build_network, network_config
 
@@ -83,10 +84,7 @@ class AttributeClassifier(pl.LightningModule):
         return {name: probs[:, i] for i, name in enumerate(self.attributes)}
 
     def _targets(self, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        missing = [a for a in self.attributes if a not in pa]
-        if missing:
-            raise KeyError(f"AttributeClassifier needs attributes {missing} in pa; got {sorted(pa)}")
-        return torch.stack([pa[a].float().reshape(-1) for a in self.attributes], dim=1)
+        return binary_label_matrix(pa, self.attributes, "AttributeClassifier")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["x"], self._targets(batch["pa"])

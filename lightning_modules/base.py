@@ -22,7 +22,7 @@ predicts the image from those parents. A method gets its attribute mechanisms wi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -50,6 +50,16 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def binary_label_matrix(pa: Mapping[str, torch.Tensor], names: Sequence[str], owner: str) -> torch.Tensor:
+    """y [B, len(names)] in float: the binary attributes ``names`` of a batch's ``pa``, in that order.
+
+    A missing attribute fails with one message naming it and ``owner`` (the model that needs it)."""
+    missing = [a for a in names if a not in pa]
+    if missing:
+        raise KeyError(f"{owner} needs attributes {missing} in pa; got {sorted(pa)}")
+    return torch.stack([pa[a].float().reshape(-1) for a in names], dim=1)
 
 
 class CounterfactualModule(pl.LightningModule):

@@ -59,7 +59,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.func import functional_call
 
-from lightning_modules.base import CounterfactualModule, only_trainable
+from lightning_modules.base import CounterfactualModule, binary_label_matrix, only_trainable
 from lightning_modules.losses import GAN_LOSS_MODES
 from lightning_modules.networks.blocks import build_network, network_config
 
@@ -363,10 +363,7 @@ class CDVAEGAN(CounterfactualModule):
     # -- helpers ------------------------------------------------------------------------------------------------
     def _labels(self, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """y [B, k] from ``pa`` in z_B's order."""
-        missing = [a for a in self.attributes if a not in pa]
-        if missing:
-            raise KeyError(f"{type(self).__name__} needs attributes {missing} in pa; got {sorted(pa)}")
-        return torch.stack([pa[a].float().reshape(-1) for a in self.attributes], dim=1)
+        return binary_label_matrix(pa, self.attributes, type(self).__name__)
 
 
 def _no_stat_update(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
