@@ -227,10 +227,17 @@ class CounterfactualMetrics(StagedEvaluation):
             features = _Features(self._fid_features if self._fid_features is not None else self._predictors)
             with torch.no_grad():  # the feature size, from one blank image (the predictors are in eval mode)
                 width = features(torch.zeros(1, *self._image_shape)).shape[1]
-            m["fid"] = FID("fid_domain", model=features, num_features=width)
+            m["fid"] = FID("fid_domain", model=features, num_features=width, reset_real=self._real_changes)
         elif self.fid == "fid_inception":
-            m["fid"] = FID("fid_inception")
+            m["fid"] = FID("fid_inception", reset_real=self._real_changes)
         return nn.ModuleDict(m)
+
+    @property
+    def _real_changes(self) -> bool:
+        """Whether FID's real set differs between evaluations: the evaluated images themselves, or a capped
+        number of training batches (whose order changes by epoch). The whole training split through a frozen
+        extractor gives the same moments every time, so they are computed once per stage."""
+        return self.fid_real == "eval" or self.fid_real_batches is not None
 
     def _split_pools(self, trainer: pl.Trainer, stage: str) -> dict[str, Tensor]:
         """Values of the continuous parents over the evaluated split, the pool interventions draw from."""
@@ -251,7 +258,7 @@ class CounterfactualMetrics(StagedEvaluation):
             if module is not None:
                 module.to(pl_module.device)
         self._pools = self._split_pools(trainer, stage)
-        if self.fid is not None and self.fid_real == "train":
+        if self.fid is not None and self.fid_real == "train" and not self._metrics[stage]["fid"].has_real:
             # A training pipeline may draw from the global RNG (random augmentations, a loader without its own
             # generator): under fork_rng, validating with FID leaves the training run's stream untouched.
             with torch.random.fork_rng(devices=[]), torch.no_grad():

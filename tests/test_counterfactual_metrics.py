@@ -178,6 +178,28 @@ def test_fid_on_the_training_split_leaves_the_global_rng_alone(tmp_path):
     assert fid.results["test"]["test/fid_domain"] > 0
 
 
+class CountedTrainingData(PixelParentsData):
+    train_loaders = 0
+
+    def train_dataloader(self):
+        type(self).train_loaders += 1
+        return super().train_dataloader()
+
+
+def test_fid_reads_the_whole_training_split_once_per_stage(tmp_path):
+    # The training split through a frozen extractor has the same moments at every evaluation.
+    fid = CounterfactualMetrics(fid="fid_domain", fid_real="train", fid_features=ScaledFeatures(1.0),
+                                composition_m=(1,), per_sample_csv=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[fid], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    data, model = CountedTrainingData(), WritingModel()
+    trainer.test(model, datamodule=data, verbose=False)
+    first = fid.results["test"]["test/fid_domain"]
+    trainer.test(model, datamodule=data, verbose=False)
+    assert CountedTrainingData.train_loaders == 1
+    assert fid.results["test"]["test/fid_domain"] == first
+
+
 def test_interventions_must_be_parents_and_embedding_needs_predictors(tmp_path):
     with pytest.raises(ValueError, match="uses the predictors' features"):
         CounterfactualMetrics(distances=("embedding",))

@@ -80,6 +80,23 @@ def test_fid_running_sums_equal_formula_and_self_distance_is_zero() -> None:
     assert torch.isnan(FID("fid_domain", nn.Flatten(), num_features=8).compute())
 
 
+def test_fid_keeps_the_real_moments_across_reset_when_asked() -> None:
+    gen = torch.Generator().manual_seed(2)
+    real, fake, other = (torch.randn(20, 4, generator=gen) for _ in range(3))
+    kept = FID("fid_domain", nn.Flatten(), num_features=4, reset_real=False)
+    fresh = FID("fid_domain", nn.Flatten(), num_features=4)
+    kept.update(real, real=True)
+    kept.update(other, real=False)
+    kept.reset()
+    assert kept.has_real and int(kept.fake_n) == 0
+    kept.update(fake, real=False)
+    fresh.update(real, real=True)
+    fresh.update(fake, real=False)
+    assert kept.compute().item() == fresh.compute().item()
+    fresh.reset()
+    assert not fresh.has_real and int(fresh.real_n) == 0
+
+
 def test_fid_from_moments_needs_two_samples() -> None:
     z = torch.zeros(3, dtype=torch.float64)
     assert torch.isnan(fid_from_moments(z, torch.zeros(3, 3), 1, z, torch.zeros(3, 3), 5))

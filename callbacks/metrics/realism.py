@@ -292,6 +292,8 @@ class FID(_FeatureMetric):
 
     ``update(images, real=True|False)`` extracts features; ``update_features(features, real)`` takes
     precomputed [B, D] features. ``compute()`` is NaN while either set has fewer than 2 samples.
+    ``reset_real=False`` keeps the real set's moments across ``reset()`` (as torchmetrics'
+    ``reset_real_features``): for a fixed real set and a frozen extractor they never change.
     ``name`` is the extractor's name (``"fid_inception"`` / ``"fid_domain"``), to be used as the logged key.
     """
 
@@ -300,6 +302,7 @@ class FID(_FeatureMetric):
         extractor: Extractor = "fid_inception",
         model: nn.Module | None = None,
         num_features: int | None = None,
+        reset_real: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(extractor, model, **kwargs)
@@ -307,6 +310,7 @@ class FID(_FeatureMetric):
             if extractor != "fid_inception":
                 raise ValueError("fid_domain needs num_features (the feature network's output size)")
             num_features = 2048
+        self.reset_real = reset_real
         self.num_features = num_features
         self.name = extractor
         for prefix in ("real", "fake"):
@@ -328,6 +332,18 @@ class FID(_FeatureMetric):
         setattr(self, f"{prefix}_sum", getattr(self, f"{prefix}_sum") + features.sum(0))
         setattr(self, f"{prefix}_outer", getattr(self, f"{prefix}_outer") + features.T @ features)
         setattr(self, f"{prefix}_n", getattr(self, f"{prefix}_n") + features.shape[0])
+
+    @property
+    def has_real(self) -> bool:
+        """Whether real images have been seen since the last reset that cleared them."""
+        return bool(self.real_n > 0)
+
+    def reset(self) -> None:
+        kept = None if self.reset_real else {k: getattr(self, f"real_{k}").clone() for k in ("sum", "outer", "n")}
+        super().reset()
+        if kept is not None:
+            for k, v in kept.items():
+                setattr(self, f"real_{k}", v)
 
     def compute(self) -> Tensor:
         return fid_from_moments(
