@@ -28,6 +28,9 @@ key                                 meaning
                                     whether it can judge the edits it is asked to judge (synthetic data)
 ``{stage}/true_cf/mse``             pixel MSE between the model's ``do(attr=1-y)`` and the true one
 ``{stage}/true_cf/l1``              pixel L1 (mean absolute error) of the same pair
+``{stage}/leakage/{attr}/probe_bacc`` balanced accuracy of a fresh linear probe reading the attribute from
+                                    the abducted code (``callbacks.metrics.leakage``; 0.5 = none left);
+                                    only with ``leakage_probe=True``
 ``{stage}/n_images``                number of images evaluated
 ==================================  =====================================================================
 
@@ -68,6 +71,7 @@ from callbacks.metrics.editing import (
     ReconstructionMSE,
     TrueCounterfactualError,
 )
+from callbacks.metrics.leakage import LinearProbeLeakage
 from lightning_modules.base import CounterfactualModule
 
 __all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_frozen", "load_oracle"]
@@ -159,6 +163,9 @@ class AttributeEditingMetrics(StagedEvaluation):
     :param limit_val_batches: in validation, use only the first n batches of each process (a cheap subset).
     :param true_counterfactuals: compare with the DataModule's ground-truth counterfactuals when it has them.
     :param seed: seed of the (forked) RNG used by the model while it is evaluated here.
+    :param leakage_probe: also fit a linear probe that reads the attribute from ``abduct(x, pa)`` (which must
+        be one tensor per image): meaningful for models whose code should be free of the attribute, such as
+        IFcVAE-GAN's ẑ. The codes of the whole set are kept in memory until the epoch ends.
     """
 
     def __init__(
@@ -171,6 +178,7 @@ class AttributeEditingMetrics(StagedEvaluation):
         limit_val_batches: int | None = None,
         true_counterfactuals: bool = True,
         seed: int = 0,
+        leakage_probe: bool = False,
     ) -> None:
         super().__init__()
         if every_n_epochs < 1:
@@ -185,6 +193,7 @@ class AttributeEditingMetrics(StagedEvaluation):
         self.limit_val_batches = limit_val_batches
         self.true_counterfactuals = true_counterfactuals
         self.seed = seed
+        self.leakage_probe = leakage_probe
         self.oracle_path: Path | None = None
         # The oracle lives on the callback, not on the LightningModule: it is no submodule of the model, so it
         # stays out of the model's state_dict and checkpoints (Callback.state_dict is empty).
@@ -226,7 +235,7 @@ class AttributeEditingMetrics(StagedEvaluation):
             # synchronised by torchmetrics (and averaging them again could change the last bit), so silence
             # that hint for exactly these keys.
             attr = re.escape(self.attribute)
-            ours = rf"(val|test)/(n_images|mse|edit/{attr}/\w+|acc/(E_y|oracle)/{attr}|true_cf/(mse|l1))"
+            ours = rf"(val|test)/(n_images|mse|edit/{attr}/\w+|acc/(E_y|oracle)/{attr}|true_cf/(mse|l1)|leakage/{attr}/\w+)"
             warnings.filterwarnings(
                 "ignore", message=rf"It is recommended to use `self\.log\('{ours}'", category=PossibleUserWarning
             )
@@ -247,6 +256,7 @@ class AttributeEditingMetrics(StagedEvaluation):
             "acc_oracle_recon": BinaryAccuracy(threshold=t),
             "acc_oracle_true_cf": BinaryAccuracy(threshold=t),
             "true_cf": TrueCounterfactualError(),
+            "leakage": LinearProbeLeakage(),
         })
 
     def _decide_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, bool]:
@@ -264,7 +274,8 @@ class AttributeEditingMetrics(StagedEvaluation):
                               "(predict_attributes): no E_y accuracy")
         true_cf = self._true_counterfactuals_available(trainer) and can_abduct
         return {"reconstruction": can_abduct, "edits": can_abduct and self._oracle is not None,
-                "acc_oracle": self._oracle is not None, "acc_E_y": own_classifier, "true_cf": true_cf}
+                "acc_oracle": self._oracle is not None, "acc_E_y": own_classifier, "true_cf": true_cf,
+                "leakage": can_abduct and self.leakage_probe}
 
     def _true_counterfactuals_available(self, trainer: pl.Trainer) -> bool:
         if not self.true_counterfactuals:
@@ -337,6 +348,8 @@ class AttributeEditingMetrics(StagedEvaluation):
                 return
             x_hat = pl_module.reconstruct(x, pa)
             m["mse"].update(x_hat, x)
+            if enabled["leakage"]:
+                m["leakage"].update(self._code(pl_module, x, pa), y, batch["index"])
             edit_0 = pl_module.counterfactual(x, pa, {attr: torch.zeros_like(y)})
             edit_1 = pl_module.counterfactual(x, pa, {attr: torch.ones_like(y)})
             if enabled["edits"]:
@@ -358,6 +371,14 @@ class AttributeEditingMetrics(StagedEvaluation):
             if enabled["edits"]:
                 with torch.no_grad():
                     m["acc_oracle_true_cf"].update(self._oracle_probs(truth), (~positive).long())
+
+    @staticmethod
+    def _code(pl_module: pl.LightningModule, x: Tensor, pa: Mapping[str, Tensor]) -> Tensor:
+        code = pl_module.abduct(x, pa)
+        if not isinstance(code, Tensor):
+            raise TypeError(f"leakage_probe=True needs {type(pl_module).__name__}.abduct to return one tensor per "
+                            f"image, got {type(code).__name__}; set the callback's leakage_probe to false")
+        return code
 
     def _oracle_probs(self, x: Tensor) -> Tensor:
         return self._oracle.predict_attributes(x)[self.attribute]
@@ -383,6 +404,8 @@ class AttributeEditingMetrics(StagedEvaluation):
         if enabled["true_cf"]:
             for name, value in m["true_cf"].compute().items():
                 computed[f"{stage}/true_cf/{name}"] = value
+        if enabled["leakage"]:
+            computed[f"{stage}/leakage/{attr}/probe_bacc"] = m["leakage"].compute()
         values = {}
         for key, value in computed.items():
             value = float(value)

@@ -16,6 +16,7 @@ import torch
 from callbacks.counterfactual_metrics import CounterfactualMetrics
 from callbacks.editing_metrics import AttributeEditingMetrics
 from callbacks.image_grids import CounterfactualGrid
+from callbacks.metrics.leakage import linear_probe_balanced_accuracy
 from tests.test_callbacks import (
     ATTR,
     FakeEditor,
@@ -38,7 +39,8 @@ N_TEST, BATCH = 13, 4
 
 def _test_metrics(tmp_path, devices: int) -> dict[str, float]:
     data = TinyEditingData(n_val=2, n_test=N_TEST, batch_size=BATCH)
-    callbacks = [AttributeEditingMetrics(ATTR, oracle=FakeOracle()), CounterfactualGrid(ATTR, n_images=2)]
+    callbacks = [AttributeEditingMetrics(ATTR, oracle=FakeOracle(), leakage_probe=True),
+                 CounterfactualGrid(ATTR, n_images=2)]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -61,7 +63,11 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     distributed = _test_metrics(tmp_path / "ddp", devices=2)
     assert distributed == single
     assert single["test/n_images"] == N_TEST
-    expected = expected_metrics(TinyEditingData(n_val=2, n_test=N_TEST), range(2, 2 + N_TEST), "test")
+    data, rows = TinyEditingData(n_val=2, n_test=N_TEST), torch.arange(2, 2 + N_TEST)
+    expected = expected_metrics(data, range(2, 2 + N_TEST), "test")
+    # FakeEditor abducts the image itself; the probe is fitted on the whole gathered set on every process.
+    expected[f"test/leakage/{ATTR}/probe_bacc"] = linear_probe_balanced_accuracy(
+        data.images[rows], data.labels[rows], rows).item()
     assert single == pytest.approx(expected, rel=1e-6)
     assert (tmp_path / "ddp" / "images" / "test_cf_grid.png").is_file()
 
