@@ -53,6 +53,18 @@ def reconstruction_bce(x_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return bce_with_logits(x_logits, x)
 
 
+def confusion_loss(logits: torch.Tensor) -> torch.Tensor:
+    """L_bce(½, A(ẑ)): the cross-entropy of A's prediction against the uninformative target ½.
+
+    −½ [log σ(l) + log(1 − σ(l))] = log 2 + KL(Bern(½) ‖ Bern(σ(l))), minimal (log 2) exactly when A predicts
+    ½. An encoder that minimises it makes the adversary uncertain, not wrong; one that maximises L_aux (eq. 6)
+    gains without bound by making A confidently wrong, which keeps the attribute in ẑ with its sign flipped.
+    The confusion form is Tzeng et al.'s (2015) domain-confusion loss, used for attribute removal by Alvi et
+    al. (2018, "Turning a Blind Eye").
+    """
+    return bce_with_logits(logits, 0.5)
+
+
 def kl_normal_std(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """L_KL = KL[N(μ, diag σ²) ‖ N(0, I)] (eq. 1, eq. 4), averaged over the latent dimensions and the batch.
 

@@ -141,6 +141,8 @@ def reference_objectives(net: IFCVAE, x, y, rng_state, hp) -> tuple[torch.Tensor
     xhat_class = bce(E(torch.sigmoid(x_hat))[2][:, 0], y)
     l_dec = rec + hp["delta"] * gen + hp["xhat_class_weight"] * xhat_class
     l_enc = rec + hp["alpha"] * kl + hp["rho"] * cls + hp["delta"] * gen
+    if hp["aux_objective"] == "confusion":  # the encoder drives A towards 1/2 instead of maximising L_aux
+        return l_enc + hp["aux_weight"] * bce(A(z_hat)[:, 0], torch.full_like(y, 0.5)), l_dec
     return l_enc - hp["aux_weight"] * aux, l_dec
 
 
@@ -177,6 +179,7 @@ CASES = {
     "minimax": {"gan_loss": "minimax"},
     "xhat_class": {"xhat_class_weight": 0.7},
     "naive_cvae_gan": {"aux_weight": 0.0},
+    "confusion": {"aux_objective": "confusion", "aux_weight": 0.3},
     "batchnorm_resnet": {"norm": "batch", "arch": "resnet", "xhat_class_weight": 0.5},
 }
 
@@ -274,6 +277,8 @@ def test_mismatched_networks_fail_with_a_clear_message():
         )
     with pytest.raises(ValueError, match="gan_loss"):
         make_model(gan_loss="hinge")
+    with pytest.raises(ValueError, match="aux_objective must be one of .*'confusion'.* got 'minimise'"):
+        make_model(aux_objective="minimise")
 
 
 # -- (5) checkpoints ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from lightning_modules.losses import (
     bce_with_logits,
     binary_accuracy_from_logits,
+    confusion_loss,
     gan_discriminator_loss,
     gan_generator_loss,
     kl_normal_std,
@@ -121,3 +122,17 @@ def test_binary_accuracy_from_logits():
     logits = torch.tensor([2.0, -1.0, 0.5, -3.0])
     target = torch.tensor([1.0, 1.0, 0.0, 0.0])
     assert binary_accuracy_from_logits(logits, target).item() == 0.5
+
+
+def test_confusion_loss_is_the_cross_entropy_to_one_half_and_minimal_at_zero_logit():
+    logits = torch.tensor([0.0, 2.0, -1.0])
+    p = torch.sigmoid(logits)
+    by_hand = (-0.5 * (torch.log(p) + torch.log(1 - p))).mean()
+    assert confusion_loss(logits).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # log 2 + KL(Bern(1/2) || Bern(p)): log 2 exactly at p = 1/2, with zero gradient there
+    zero = torch.zeros(4, requires_grad=True)
+    assert confusion_loss(zero).item() == pytest.approx(math.log(2), rel=1e-7)
+    (grad,) = torch.autograd.grad(confusion_loss(zero), zero)
+    assert torch.equal(grad, torch.zeros(4))
+    # symmetric: a confidently wrong adversary costs as much as a confidently right one
+    assert confusion_loss(torch.tensor([3.0])).item() == pytest.approx(confusion_loss(torch.tensor([-3.0])).item())
