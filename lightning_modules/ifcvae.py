@@ -109,6 +109,8 @@ class IFCVAE(CounterfactualModule):
     :param aux_weight: weight of L_aux in eq. 6 (1 in the paper; 0: naive cVAE-GAN).
     :param aux_objective: what the encoder does to A_ψ: ``"maximise"`` L_aux (eq. 6, the paper) or minimise the
         ``"confusion"`` loss L_bce(½, A(ẑ)) (``losses.confusion_loss``); A_ψ minimises L_aux in both.
+    :param aux_steps: RMSprop steps of A_ψ per iteration on the iteration's ẑ (1 in Algorithm 1). More steps
+        let the adversary keep up with an encoder that moves the attribute around instead of removing it.
     :param xhat_class_weight: weight of L_bce(E_y(x̂), y) in the decoder's loss (Table 1 row 3; 0 by default).
     :param gan_loss: ``"non_saturating"`` or ``"minimax"`` generator term (``losses.gan_generator_loss``).
     :param lr: RMSprop learning rate of the encoder and the decoder.
@@ -132,6 +134,7 @@ class IFCVAE(CounterfactualModule):
         delta: float = 0.1,
         aux_weight: float = 1.0,
         aux_objective: str = "maximise",
+        aux_steps: int = 1,
         xhat_class_weight: float = 0.0,
         gan_loss: str = "non_saturating",
         lr: float = 2e-4,
@@ -148,6 +151,8 @@ class IFCVAE(CounterfactualModule):
             raise ValueError(f"gan_loss must be one of {GAN_LOSS_MODES}, got {gan_loss!r}")
         if aux_objective not in AUX_OBJECTIVES:
             raise ValueError(f"aux_objective must be one of {AUX_OBJECTIVES}, got {aux_objective!r}")
+        if aux_steps < 1:
+            raise ValueError(f"aux_steps must be >= 1, got {aux_steps}")
         self.encoder = build_network(encoder)
         self.decoder = build_network(decoder)
         self.discriminator = build_network(discriminator)
@@ -242,7 +247,8 @@ class IFCVAE(CounterfactualModule):
             terms["gan_disc"] = self._disc_loss(x, out)
             self._step(opt_disc, terms["gan_disc"])
         with only_trainable(self, [self.auxiliary]):
-            self._step(opt_aux, self._aux_loss(out, y))  # the value is terms["aux"]
+            for _ in range(self.hparams.aux_steps):
+                self._step(opt_aux, self._aux_loss(out, y))  # the first value is terms["aux"]
 
         self._log_terms("train", terms, out, y)
 

@@ -116,6 +116,26 @@ def test_each_optimizer_step_moves_only_its_own_player(tmp_path):
     assert all(first[n] is None for n in others)
 
 
+def test_aux_steps_repeats_only_the_auxiliary_update_on_the_same_codes(tmp_path):
+    torch.manual_seed(0)
+    model = make_model(aux_steps=3)
+    reference, x, y, rng_state, recorder = run_one_step(model, tmp_path, max_steps=6)
+    assert [s["opt"] for s in recorder.steps] == [0, 1, 2, 3, 3, 3]
+    for step in recorder.steps[3:]:
+        assert step["changed"] == names_of(model, "auxiliary")
+    # Each A-step's gradient is L_aux's on the batch's detached codes, at A as the previous step left it.
+    hp = reference.hparams
+    ref_opt = torch.optim.RMSprop(reference.auxiliary.parameters(), lr=hp.aux_lr, alpha=hp.rmsprop_alpha)
+    torch.set_rng_state(rng_state)
+    out = reference._forward(x, y)
+    for recorded in recorder.steps[3:]:
+        ref_opt.zero_grad()
+        reference._aux_loss(out, y).backward()
+        for name, param in reference.auxiliary.named_parameters():
+            torch.testing.assert_close(recorded["grads"][f"auxiliary.{name}"], param.grad)
+        ref_opt.step()
+
+
 # -- (2), (3) exact per-player gradients ------------------------------------------------------------------
 def reference_objectives(net: IFCVAE, x, y, rng_state, hp) -> tuple[torch.Tensor, torch.Tensor]:
     """L_IFcVAE-GAN (eq. 6) and L_dec (eq. 3, + the x̂-class ablation), written out from the paper."""
@@ -146,7 +166,7 @@ def reference_objectives(net: IFCVAE, x, y, rng_state, hp) -> tuple[torch.Tensor
     return l_enc - hp["aux_weight"] * aux, l_dec
 
 
-def run_one_step(model: IFCVAE, tmp_path):
+def run_one_step(model: IFCVAE, tmp_path, max_steps: int = 4):
     """One training batch; returns a pre-training copy, the batch, the forward's RNG state and the recorder."""
     reference = copy.deepcopy(model)
     rng_states = []
@@ -158,7 +178,7 @@ def run_one_step(model: IFCVAE, tmp_path):
 
     model._forward = recording_forward
     recorder = StepRecorder()
-    trainer(tmp_path, callbacks=[recorder], max_steps=4).fit(model, loader())
+    trainer(tmp_path, callbacks=[recorder], max_steps=max_steps).fit(model, loader())
     data = SquaresDataset()
     return reference.train(), data.x, data.y, rng_states[0], recorder
 
@@ -279,6 +299,8 @@ def test_mismatched_networks_fail_with_a_clear_message():
         make_model(gan_loss="hinge")
     with pytest.raises(ValueError, match="aux_objective must be one of .*'confusion'.* got 'minimise'"):
         make_model(aux_objective="minimise")
+    with pytest.raises(ValueError, match="aux_steps must be >= 1, got 0"):
+        make_model(aux_steps=0)
 
 
 # -- (5) checkpoints ---------------------------------------------------------------------------------------
