@@ -38,6 +38,8 @@ Deviations from the paper and the official code (every one deliberate):
   use the paper states ("providing a gradient containing label information to the decoder"); see
   ``_xhat_class_loss``.
 * Learning rates are those of the official code (2e-4; the paper gives none).
+* ``aux_objective`` and ``aux_steps`` (defaults: the paper's "maximise L_aux" and one A_ψ step) are options
+  for an encoder that outruns A_ψ; see the paragraph below.
 
 Maximising an unbounded BCE (eq. 5) lets the encoder make A_ψ confidently wrong rather than uninformed, and
 an A_ψ at chance during training does not mean that ẑ is free of the attribute: on the synthetic faces a
