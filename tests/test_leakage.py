@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from callbacks.editing_metrics import AttributeEditingMetrics
 from callbacks.metrics.leakage import (
     LinearProbeLeakage,
     fit_logistic_regression,
@@ -90,3 +91,12 @@ def test_images_are_flattened_and_a_fold_without_both_classes_gives_nan() -> Non
 def test_mismatched_lengths_are_rejected() -> None:
     with pytest.raises(ValueError, match="same length, got 4, 3 and 4"):
         linear_probe_balanced_accuracy(torch.zeros(4, 2), torch.zeros(3), torch.arange(4))
+
+
+def test_the_callback_names_the_model_when_its_code_is_not_one_tensor() -> None:
+    class LayeredCodes(torch.nn.Module):
+        def abduct(self, x, pa):
+            return [x, x]  # a hierarchical model's list of latents
+
+    with pytest.raises(TypeError, match="LayeredCodes.abduct to return one tensor per image, got list"):
+        AttributeEditingMetrics._code(LayeredCodes(), torch.zeros(2, 3), {})
