@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -56,11 +56,12 @@ from callbacks.image_grids import counterfactual_grid
 from callbacks.logging_utils import log_image, save_png
 from callbacks.metrics.composition import Composition, Reversibility
 from callbacks.metrics.distances import EmbeddingL1, LPIPSDistance, PixelL1
-from callbacks.metrics.editing import TrueCounterfactualError
+from callbacks.metrics.editing import TrueCounterfactualSplitError
 from callbacks.metrics.effectiveness import Effectiveness, MorphometricEffectiveness
 from callbacks.metrics.interventions import per_sample_uniforms, single_parent
 from callbacks.metrics.minimality import CounterfactualLatentDivergence
-from callbacks.metrics.realism import FID
+from callbacks.metrics.realism import FID, InceptionFeatures
+from callbacks.references import references_of
 
 __all__ = ["CounterfactualMetrics"]
 
@@ -159,7 +160,8 @@ class CounterfactualMetrics(StagedEvaluation):
                 raise FileNotFoundError(f"fid_features checkpoint {str(path)!r} does not exist; train the attribute "
                                         "classifier it names or point `fid_features` at its checkpoint.")
             self._fid_features = load_frozen(path)
-        self._metrics: dict[str, nn.ModuleDict] = {}
+        self._metrics: dict[str, dict[str, nn.ModuleDict]] = {}
+        self._shared: dict[str, Any] | None = None
         self._attributes: tuple = ()
         self._targets: list[str] = []
         self._pools: dict[str, Tensor] = {}
@@ -192,8 +194,11 @@ class CounterfactualMetrics(StagedEvaluation):
         if not self._truth:
             self._skip("true_cf", f"{type(datamodule).__name__} renders no ground truth (or it is disabled): "
                                   "no true-counterfactual error")
+        self._references = references_of(trainer) if "abduction" not in self.skipped else {}
         if not self._metrics:
-            self._metrics = {s: self._build_metrics(keep=self.per_sample_csv and s == "test") for s in STAGES}
+            self._metrics = {s: {name: self._build_metrics(keep=self.per_sample_csv and s == "test" and name == "model",
+                                                           model=name == "model")
+                                 for name in ["model", *self._references]} for s in STAGES}
 
     def _distances(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -206,31 +211,40 @@ class CounterfactualMetrics(StagedEvaluation):
                 out[name] = EmbeddingL1(_Features(self._predictors))
         return out
 
-    def _build_metrics(self, keep: bool) -> nn.ModuleDict:
-        distances = self._distances()
+    def _build_metrics(self, keep: bool, model: bool = True) -> nn.ModuleDict:
+        """One subject's metrics of one stage. The distances' and FID's networks are built once and shared by
+        every stage and subject (an LPIPS or Inception network is loaded once)."""
+        if self._shared is None:
+            self._shared = {"distances": self._distances(), "fid": self._fid_network()}
+        distances, fid_net = self._shared["distances"], self._shared["fid"]
         m: dict[str, nn.Module] = {"composition": Composition(distances, self.composition_m, keep_per_sample=keep)}
         for t in self._targets:
             m[f"reversibility/{t}"] = Reversibility(distances, keep_per_sample=keep)
             if self._truth:
-                m[f"true_cf/{t}"] = TrueCounterfactualError()
+                m[f"true_cf/{t}"] = TrueCounterfactualSplitError()
         if self._predictors is not None:
             m["effectiveness"] = Effectiveness(self._attributes, self._targets)
         if self.morphometric:
             measured = [a for a in self._attributes if a.name in ("thickness", "intensity")]
             m["morpho_effectiveness"] = MorphometricEffectiveness(measured, self._targets)
-            # The factual image measured against the same targets: a model moves a parent toward its target
-            # exactly when its MAE is below this one.
-            m["morpho_effectiveness_unchanged"] = MorphometricEffectiveness(measured, self._targets)
         if self._vae is not None:
             m["cld"] = CounterfactualLatentDivergence(self._attributes, *self.cld_weights)
+        if fid_net is not None:
+            # A reference's FID reads the model's real moments (``_finish``): the real set is one set.
+            m["fid"] = FID(self.fid, model=fid_net[0], num_features=fid_net[1],
+                           reset_real=self._real_changes or not model)
+        return nn.ModuleDict(m)
+
+    def _fid_network(self) -> tuple[nn.Module, int] | None:
+        """FID's feature network and its width, or None without FID."""
         if self.fid == "fid_domain":
             features = _Features(self._fid_features if self._fid_features is not None else self._predictors)
             with torch.no_grad():  # the feature size, from one blank image (the predictors are in eval mode)
                 width = features(torch.zeros(1, *self._image_shape)).shape[1]
-            m["fid"] = FID("fid_domain", model=features, num_features=width, reset_real=self._real_changes)
-        elif self.fid == "fid_inception":
-            m["fid"] = FID("fid_inception", reset_real=self._real_changes)
-        return nn.ModuleDict(m)
+            return features, width
+        if self.fid == "fid_inception":
+            return InceptionFeatures(), 2048
+        return None
 
     @property
     def _real_changes(self) -> bool:
@@ -251,21 +265,22 @@ class CounterfactualMetrics(StagedEvaluation):
         return {n: pa[n] for n in continuous}
 
     def _start(self, trainer: pl.Trainer, stage: str, pl_module: pl.LightningModule) -> None:
-        self._metrics[stage].to(pl_module.device)
-        for metric in self._metrics[stage].values():
-            metric.reset()
+        for metrics in self._metrics[stage].values():
+            metrics.to(pl_module.device)
+            for metric in metrics.values():
+                metric.reset()
         for module in (self._predictors, self._vae, self._fid_features):
             if module is not None:
                 module.to(pl_module.device)
         self._pools = self._split_pools(trainer, stage)
-        if self.fid is not None and self.fid_real == "train" and not self._metrics[stage]["fid"].has_real:
+        if self.fid is not None and self.fid_real == "train" and not self._metrics[stage]["model"]["fid"].has_real:
             # A training pipeline may draw from the global RNG (random augmentations, a loader without its own
             # generator): under fork_rng, validating with FID leaves the training run's stream untouched.
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 for i, batch in enumerate(trainer.datamodule.train_dataloader()):
                     if self.fid_real_batches is not None and i >= self.fid_real_batches:
                         break
-                    self._metrics[stage]["fid"].update(batch["x"].to(pl_module.device), real=True)
+                    self._metrics[stage]["model"]["fid"].update(batch["x"].to(pl_module.device), real=True)
 
     # -- Lightning hooks ---------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -304,69 +319,93 @@ class CounterfactualMetrics(StagedEvaluation):
                 batch_idx: int) -> None:
         if "abduction" in self.skipped:
             return
-        m = self._metrics[stage]
         x, pa = batch["x"], dict(batch["pa"])
         seed = self.seed + 1_000_003 * trainer.global_rank + batch_idx
         generator = torch.Generator().manual_seed(seed)
         index = batch.get("index")
+        plan: list[Intervened] = []
+        truths: dict[str, Tensor | None] = {}
+
+        def intervention(position: int, target: str) -> Intervened:
+            """The model's intervention on ``target`` (drawn, then propagated by its SCM), recorded so that the
+            references are given exactly the same one."""
+            # Drawn per dataset row when rows are known: the same intervention whatever the batch or the
+            # number of processes.
+            uniforms = per_sample_uniforms(index, self.seed, position) if index is not None else None
+            draw = single_parent(self._attributes, {k: v.cpu() for k, v in pa.items()}, target, generator,
+                                 self._pools, uniforms)
+            do = {k: v.to(x.device) for k, v in draw.values.items()}
+            cf_pa = self._cf_parents(pl_module, pa, do)
+            # The propagated descendants join the intervention, so x* is predicted from exactly the parents it is
+            # judged against: the attribute mechanisms run once, and a stochastic one (Gumbel-max abduction) is not
+            # sampled a second time inside counterfactual().
+            moved = {k: v for k, v in cf_pa.items() if k not in do and not torch.equal(v, pa[k])}
+            plan.append(Intervened(do, {**moved, **do}, cf_pa))
+            return plan[-1]
+
+        def truth(target: str, drawn: Intervened) -> Tensor | None:
+            if target not in truths:
+                truths[target] = self._truth_of(trainer, batch, drawn.drawn, target)
+            return truths[target]
+
+        with evaluation_mode(pl_module, seed):
+            self._observe(self._metrics[stage]["model"], pl_module, x, pa, index, batch_idx, intervention, truth,
+                          model=True)
+        if self._evaluates_references(stage):
+            for name, reference in self._references.items():
+                with evaluation_mode(reference):
+                    self._observe(self._metrics[stage][name], reference, x, pa, index, batch_idx,
+                                  lambda position, target: plan[position], truth, model=False)
+
+    def _observe(self, m: nn.ModuleDict, subject: nn.Module, x: Tensor, pa: Mapping[str, Tensor],
+                 index: Tensor | None, batch_idx: int,
+                 intervention: Callable[[int, str], Intervened], truth: Callable[[str, Intervened], Tensor | None],
+                 model: bool) -> None:
+        """Every metric of one subject (the model or a reference) on one batch. The model's calls happen in the
+        order they always had, so its evaluation noise, drawn from the forked RNG, is what it always was."""
         # The FID set takes one counterfactual per image, its intervened parent cycling with the image's row
         # (with the batch position when rows are unknown).
         rows = index.cpu() if index is not None else torch.arange(len(x)) + batch_idx * len(x)
         fid_choice = (rows % len(self._targets)).to(x.device)
-        with evaluation_mode(pl_module, seed):
-            m["composition"].update(pl_module, x, pa, index)
-            fact, fact_measured, x_fid = None, None, torch.empty_like(x) if "fid" in m else None
-            for position, target in enumerate(self._targets):
-                # Drawn per dataset row when rows are known: the same intervention whatever the batch or the
-                # number of processes.
-                uniforms = per_sample_uniforms(index, self.seed, position) if index is not None else None
-                draw = single_parent(self._attributes, {k: v.cpu() for k, v in pa.items()}, target, generator,
-                                     self._pools, uniforms)
-                do = {k: v.to(x.device) for k, v in draw.values.items()}
-                cf_pa = self._cf_parents(pl_module, pa, do)
-                # The propagated descendants join the intervention, so x* is predicted from exactly the parents
-                # it is judged against: the attribute mechanisms run once, and a stochastic one (Gumbel-max
-                # abduction) is not sampled a second time inside counterfactual().
-                moved = {k: v for k, v in cf_pa.items() if k not in do and not torch.equal(v, pa[k])}
-                x_cf = pl_module.counterfactual(x, pa, {**moved, **do})
-                m[f"reversibility/{target}"].update(pl_module, x, pa, cf_pa, index)
-                if "effectiveness" in m:
-                    m["effectiveness"].update(self._predictors.predict_parents(x_cf, cf_pa), cf_pa, target)
-                if "morpho_effectiveness" in m:
-                    # imported here: scikit-image, needed by MorphoMNIST only
-                    from datamodules.synthetic.morphomnist import oracle_measure
+        m["composition"].update(subject, x, pa, index)
+        fact, x_fid = None, torch.empty_like(x) if "fid" in m else None
+        for position, target in enumerate(self._targets):
+            drawn = intervention(position, target)
+            cf_pa = drawn.cf_pa
+            x_cf = subject.counterfactual(x, pa, drawn.do)
+            m[f"reversibility/{target}"].update(subject, x, pa, cf_pa, index)
+            if "effectiveness" in m:
+                m["effectiveness"].update(self._predictors.predict_parents(x_cf, cf_pa), cf_pa, target)
+            if "morpho_effectiveness" in m:
+                # imported here: scikit-image, needed by MorphoMNIST only
+                from datamodules.synthetic.morphomnist import oracle_measure
 
-                    measured = dict(zip(("thickness", "intensity"), oracle_measure(x_cf), strict=True))
-                    m["morpho_effectiveness"].update(measured, cf_pa, target)
-                    fact_measured = fact_measured or dict(zip(("thickness", "intensity"), oracle_measure(x),
-                                                              strict=True))
-                    m["morpho_effectiveness_unchanged"].update(fact_measured, cf_pa, target)
-                if "cld" in m:
-                    fact = fact if fact is not None else self._vae.posterior(x)  # once per batch, not per parent
-                    m["cld"].update(*fact, *self._vae.posterior(x_cf), pa, cf_pa, target)
-                if x_fid is not None:
-                    x_fid[fid_choice == position] = x_cf[fid_choice == position]
-                if f"true_cf/{target}" in m:
-                    self._update_truth(m[f"true_cf/{target}"], trainer, batch, do, x_cf, target)
+                measured = dict(zip(("thickness", "intensity"), oracle_measure(x_cf), strict=True))
+                m["morpho_effectiveness"].update(measured, cf_pa, target)
+            if "cld" in m:
+                fact = fact if fact is not None else self._vae.posterior(x)  # once per batch, not per parent
+                m["cld"].update(*fact, *self._vae.posterior(x_cf), pa, cf_pa, target)
             if x_fid is not None:
-                m["fid"].update(x_fid, real=False)
-                if self.fid_real == "eval":
-                    m["fid"].update(x, real=True)
+                x_fid[fid_choice == position] = x_cf[fid_choice == position]
+            if f"true_cf/{target}" in m:
+                true_cf = truth(target, drawn)
+                if true_cf is not None:
+                    m[f"true_cf/{target}"].update(x_cf, true_cf.to(device=x_cf.device, dtype=x_cf.dtype), x)
+        if x_fid is not None:
+            m["fid"].update(x_fid, real=False)
+            if self.fid_real == "eval" and model:
+                m["fid"].update(x, real=True)
 
-    def _update_truth(self, metric: nn.Module, trainer: pl.Trainer, batch: Mapping[str, Any],
-                      do: Mapping[str, Tensor], x_cf: Tensor, target: str) -> None:
+    def _truth_of(self, trainer: pl.Trainer, batch: Mapping[str, Any], do: Mapping[str, Tensor],
+                  target: str) -> Tensor | None:
         try:
-            truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {k: v.cpu() for k, v in do.items()})
+            return trainer.datamodule.true_counterfactual(batch["index"].cpu(), {k: v.cpu() for k, v in do.items()})
         except (ValueError, NotImplementedError) as err:
             self._skip(f"true_cf/{target}", f"no true counterfactual for do({target}): {err}")
-            return
-        metric.update(x_cf, truth.to(device=x_cf.device, dtype=x_cf.dtype))
+            return None
 
     # -- per epoch -----------------------------------------------------------------------------------------
-    def _finish(self, stage: str, pl_module: pl.LightningModule) -> dict[str, float]:
-        if "abduction" in self.skipped:
-            return {}
-        m = self._metrics[stage]
+    def _compute(self, m: nn.ModuleDict, stage: str) -> dict[str, Tensor]:
         computed: dict[str, Tensor] = {}
         for key, value in m["composition"].compute().items():
             computed[f"{stage}/composition/{key}"] = value
@@ -379,25 +418,31 @@ class CounterfactualMetrics(StagedEvaluation):
                     computed[f"{stage}/true_cf/do_{target}/{key}"] = value
         if "effectiveness" in m:
             computed.update(Effectiveness.flatten(m["effectiveness"].compute(), f"{stage}/effectiveness/"))
-        for name in ("morpho_effectiveness", "morpho_effectiveness_unchanged"):
-            if name in m:
-                computed.update(MorphometricEffectiveness.flatten(m[name].compute(), f"{stage}/{name}/"))
+        if "morpho_effectiveness" in m:
+            computed.update(MorphometricEffectiveness.flatten(m["morpho_effectiveness"].compute(),
+                                                              f"{stage}/morpho_effectiveness/"))
         if "cld" in m:
             for key, value in m["cld"].compute().items():
                 computed[f"{stage}/{key if key.startswith('cld') else 'cld_' + key}"] = value
         if "fid" in m:
             computed[f"{stage}/{self.fid}"] = m["fid"].compute()
-        values = {}
-        for key, value in computed.items():
-            value = float(value)
-            if value != value:
-                self._skip(key, f"{key}: no samples in {stage}, not logged")
-                continue
-            values[key] = value
-            pl_module.log(key, value, sync_dist=False)
+        return computed
+
+    def _finish(self, stage: str, pl_module: pl.LightningModule) -> dict[str, float]:
+        if "abduction" in self.skipped:
+            return {}
+        metrics = self._metrics[stage]
+        values = self._log_values(self._compute(metrics["model"], stage), stage, pl_module)
+
+        def compute_reference(name: str) -> dict[str, Tensor]:
+            if "fid" in metrics[name]:
+                metrics[name]["fid"].copy_real(metrics["model"]["fid"])
+            return self._compute(metrics[name], stage)
+
+        values.update(self._finish_references(stage, pl_module, compute_reference))
         self.results[stage] = values
         if stage == "test" and self.per_sample_csv:
-            self._write_per_sample(pl_module.trainer, m)
+            self._write_per_sample(pl_module.trainer, metrics["model"])
         return values
 
     def _write_per_sample(self, trainer: pl.Trainer, m: nn.ModuleDict) -> None:
@@ -447,6 +492,15 @@ class CounterfactualMetrics(StagedEvaluation):
         name = "test_composition_best_median_worst"
         save_png(grid, Path(trainer.default_root_dir) / "images" / f"{name}.png")
         log_image(trainer, f"test/{name}", grid)
+
+
+class Intervened(NamedTuple):
+    """One intervention of one batch: ``drawn`` the drawn values (what the ground truth renders), ``do`` those
+    plus the descendants the model's SCM moved (what x* is predicted from), ``cf_pa`` all counterfactual parents."""
+
+    drawn: dict[str, Tensor]
+    do: dict[str, Tensor]
+    cf_pa: dict[str, Tensor]
 
 
 class _Features(nn.Module):

@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,10 +69,11 @@ from callbacks.metrics.editing import (
     EditSuccessRate,
     FlipSuccessRate,
     ReconstructionMSE,
-    TrueCounterfactualError,
+    TrueCounterfactualSplitError,
 )
 from callbacks.metrics.leakage import LinearProbeLeakage
-from lightning_modules.base import CounterfactualModule
+from callbacks.references import references_of
+from lightning_modules.base import CounterfactualModule, evaluating
 
 __all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_frozen", "load_oracle"]
 
@@ -132,10 +133,19 @@ def _implements_own_classifier(pl_module: pl.LightningModule) -> bool:
 
 class StagedEvaluation(pl.Callback):
     """What every metric callback shares: when to run (test always; validation every ``every_n_epochs``
-    epochs of ``fit``, never in the sanity check) and skipped metric groups reported once each."""
+    epochs of ``fit``, never in the sanity check), skipped metric groups reported once each, and the logging
+    of the reference counterfactuals' values (``callbacks.references``) under ``{stage}/reference/<name>/...``.
+
+    References are deterministic and frozen, so their validation values are computed on the first validated
+    epoch and logged again, unchanged, at the later ones."""
 
     every_n_epochs: int = 1
     skipped: dict[str, str]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._references: dict[str, nn.Module] = {}
+        self._reference_values: dict[str, dict[str, float]] = {}
 
     def _skip(self, group: str, reason: str) -> None:
         if self.skipped.get(group) != reason:
@@ -149,9 +159,47 @@ class StagedEvaluation(pl.Callback):
             return False
         return trainer.state.fn != TrainerFn.FITTING or (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
+    def _evaluates_references(self, stage: str) -> bool:
+        """Whether this epoch evaluates the references (not when their values of this stage are cached)."""
+        return bool(self._references) and stage not in self._reference_values
+
+    def _log_values(self, computed: Mapping[str, Tensor], stage: str, pl_module: pl.LightningModule,
+                    subject: str | None = None) -> dict[str, float]:
+        """Log finite values as they are (``subject=None``: the model) or under ``{stage}/reference/{subject}/``;
+        NaN values (an empty set) are reported once and not logged."""
+        values = {}
+        for key, value in computed.items():
+            value = float(value)
+            if subject is not None:
+                key = f"{stage}/reference/{subject}/{key.removeprefix(stage + '/')}"
+            if value != value:
+                self._skip(key, f"{key}: no samples in {stage}, not logged")
+                continue
+            values[key] = value
+            pl_module.log(key, value, sync_dist=False)
+        return values
+
+    def _finish_references(self, stage: str, pl_module: pl.LightningModule,
+                           compute: Callable[[str], Mapping[str, Tensor]]) -> dict[str, float]:
+        """Compute (or, in later validation epochs, recall) and log every reference's values."""
+        if not self._references:
+            return {}
+        if stage in self._reference_values:
+            values = self._reference_values[stage]
+            for key, value in values.items():
+                pl_module.log(key, value, sync_dist=False)
+            return dict(values)
+        values = {}
+        for name in self._references:
+            values.update(self._log_values(compute(name), stage, pl_module, subject=name))
+        if stage == "val":
+            self._reference_values[stage] = values
+        return values
+
 
 class AttributeEditingMetrics(StagedEvaluation):
-    """Reconstruction MSE, edit success rates Ĉ, classifier accuracies and true-counterfactual error.
+    """Reconstruction MSE, edit success rates Ĉ, classifier accuracies and true-counterfactual errors, for the model
+    and, beside it, for the run's reference counterfactuals (``callbacks.references``).
 
     :param attribute: the binary attribute to edit (a parent name of the model and DataModule).
     :param oracle: checkpoint of the independent classifier (must exist), or an already-built module with
@@ -166,6 +214,13 @@ class AttributeEditingMetrics(StagedEvaluation):
     :param leakage_probe: also fit a linear probe that reads the attribute from ``abduct(x, pa)`` (which must
         be one tensor per image): meaningful for models whose code should be free of the attribute, such as
         IFcVAE-GAN's ẑ. The codes of the whole set are kept in memory until the epoch ends.
+    :param preservation_oracle: an independent classifier of other attributes (``AttributeClassifier`` checkpoint
+        or module; it may be the ``oracle`` itself when that one classifies several attributes): on the flips
+        do(attribute = 1 − y) it reads each attribute of ``preserved`` and compares it with the image's true label
+        (``datamodule.attribute_labels``), ``{stage}/preservation/{attribute}/{other}`` = the share of flips
+        that keep it, and ``.../mean`` over ``preserved``.
+    :param preserved: the attributes judged for preservation (default: every attribute of the preservation
+        oracle but the edited one).
     """
 
     def __init__(
@@ -179,6 +234,8 @@ class AttributeEditingMetrics(StagedEvaluation):
         true_counterfactuals: bool = True,
         seed: int = 0,
         leakage_probe: bool = False,
+        preservation_oracle: str | os.PathLike | nn.Module | None = None,
+        preserved: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if every_n_epochs < 1:
@@ -187,6 +244,11 @@ class AttributeEditingMetrics(StagedEvaluation):
             raise ValueError(f"limit_val_batches must be None or >= 1, got {limit_val_batches}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if preserved is not None and preservation_oracle is None:
+            raise ValueError("`preserved` names the attributes a preservation oracle judges: set "
+                             "`preservation_oracle` too")
+        if preserved is not None and attribute in preserved:
+            raise ValueError(f"`preserved` lists the edited attribute {attribute!r}; it changes by design")
         self.attribute = attribute
         self.threshold = float(threshold)
         self.every_n_epochs = every_n_epochs
@@ -209,8 +271,11 @@ class AttributeEditingMetrics(StagedEvaluation):
                     f"oracle checkpoint {str(self.oracle_path)!r} does not exist; train it with {how}, "
                     f"or set the callback's `oracle` to the checkpoint's path."
                 )
-        self._metrics: dict[str, nn.ModuleDict] = {}
+        self._preservation_oracle = _frozen_classifier(preservation_oracle, "preservation_oracle")
+        self.preserved = None if preserved is None else [str(a) for a in preserved]
+        self._metrics: dict[str, dict[str, nn.ModuleDict]] = {}
         self._enabled: dict[str, bool] = {}
+        self._references: dict[str, nn.Module] = {}
         #: metric group -> reason it is not computed (each reason is printed once).
         self.skipped: dict[str, str] = {}
         #: stage -> {key: value} of the last completed evaluation; ``results["test"]`` after ``trainer.test``.
@@ -218,8 +283,6 @@ class AttributeEditingMetrics(StagedEvaluation):
 
     # -- set-up --------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._metrics:
-            self._metrics = {s: self._build_metrics() for s in STAGES}
         if self._oracle is None and self.oracle_path is not None:
             self._oracle = load_oracle(self.oracle_path)
         if self._oracle is not None:
@@ -229,20 +292,44 @@ class AttributeEditingMetrics(StagedEvaluation):
                                  f"{list(known)}, not {self.attribute!r}")
             self._oracle.eval()
             self._oracle.requires_grad_(False)
+        self._setup_preservation()
         self._enabled = self._decide_enabled(trainer, pl_module)
+        self._references = references_of(trainer) if self._enabled["reconstruction"] else {}
+        if not self._metrics:
+            subjects = ["model", *self._references]
+            self._metrics = {s: {name: self._build_metrics() for name in subjects} for s in STAGES}
         if trainer.world_size > 1:
             # Lightning suggests sync_dist=True for every value logged at epoch end under DDP; ours are already
             # synchronised by torchmetrics (and averaging them again could change the last bit), so silence
             # that hint for exactly these keys.
             attr = re.escape(self.attribute)
-            ours = rf"(val|test)/(n_images|mse|edit/{attr}/\w+|acc/(E_y|oracle)/{attr}|true_cf/(mse|l1)|leakage/{attr}/\w+)"
+            ours = (rf"(val|test)/(reference/\w+/)?(n_images|mse|edit/{attr}/\w+|acc/(E_y|oracle\w*)/{attr}|"
+                    rf"true_cf/\w+|leakage/{attr}/\w+|preservation/{attr}/\w+)")
             warnings.filterwarnings(
                 "ignore", message=rf"It is recommended to use `self\.log\('{ours}'", category=PossibleUserWarning
             )
 
+    def _setup_preservation(self) -> None:
+        oracle = self._preservation_oracle
+        if oracle is None:
+            self._skip("preservation", "no preservation oracle given: no preservation of the other attributes")
+            return
+        known = list(getattr(oracle, "attributes", []) or [])
+        if self.preserved is None:
+            self.preserved = [a for a in known if a != self.attribute]
+        unknown = [a for a in self.preserved if known and a not in known]
+        if unknown:
+            raise ValueError(f"`preserved` lists {unknown}, which the preservation oracle does not classify "
+                             f"(it classifies {known})")
+        if not self.preserved:
+            raise ValueError(f"the preservation oracle classifies only {known}: nothing besides {self.attribute!r} "
+                             "to judge")
+        oracle.eval()
+        oracle.requires_grad_(False)
+
     def _build_metrics(self) -> nn.ModuleDict:
         t = self.threshold
-        return nn.ModuleDict({
+        metrics = {
             "n_images": SumMetric(),
             "mse": ReconstructionMSE(),
             "C_pos_paper": EditSuccessRate(target=1, threshold=t),
@@ -255,9 +342,12 @@ class AttributeEditingMetrics(StagedEvaluation):
             "acc_oracle": BinaryAccuracy(threshold=t),
             "acc_oracle_recon": BinaryAccuracy(threshold=t),
             "acc_oracle_true_cf": BinaryAccuracy(threshold=t),
-            "true_cf": TrueCounterfactualError(),
+            "true_cf": TrueCounterfactualSplitError(),
             "leakage": LinearProbeLeakage(),
-        })
+        }
+        if self._preservation_oracle is not None:
+            metrics.update({f"preservation/{a}": BinaryAccuracy(threshold=t) for a in self.preserved})
+        return nn.ModuleDict(metrics)
 
     def _decide_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, bool]:
         """Which metric groups can run; decided from configuration only, so identical on every process."""
@@ -273,9 +363,18 @@ class AttributeEditingMetrics(StagedEvaluation):
             self._skip("E_y", f"{type(pl_module).__name__} has no attribute classifier of its own "
                               "(predict_attributes): no E_y accuracy")
         true_cf = self._true_counterfactuals_available(trainer) and can_abduct
+        preservation = can_abduct and self._preservation_oracle is not None and self._labels_available(trainer)
         return {"reconstruction": can_abduct, "edits": can_abduct and self._oracle is not None,
                 "acc_oracle": self._oracle is not None, "acc_E_y": own_classifier, "true_cf": true_cf,
-                "leakage": can_abduct and self.leakage_probe}
+                "leakage": can_abduct and self.leakage_probe, "preservation": preservation}
+
+    def _labels_available(self, trainer: pl.Trainer) -> bool:
+        datamodule = trainer.datamodule
+        if getattr(type(datamodule), "attribute_labels", None) is None:
+            self._skip("preservation", f"{type(datamodule).__name__} cannot give the true labels of other "
+                                       "attributes (attribute_labels): no preservation")
+            return False
+        return True
 
     def _true_counterfactuals_available(self, trainer: pl.Trainer) -> bool:
         if not self.true_counterfactuals:
@@ -290,11 +389,13 @@ class AttributeEditingMetrics(StagedEvaluation):
 
     def _start(self, stage: str, pl_module: pl.LightningModule) -> None:
         # Moved here rather than in setup: Lightning moves the model to its device only after the setup hooks.
-        self._metrics[stage].to(pl_module.device)
-        for metric in self._metrics[stage].values():
-            metric.reset()
-        if self._oracle is not None:
-            self._oracle.to(pl_module.device)
+        for metrics in self._metrics[stage].values():
+            metrics.to(pl_module.device)
+            for metric in metrics.values():
+                metric.reset()
+        for oracle in (self._oracle, self._preservation_oracle):
+            if oracle is not None:
+                oracle.to(pl_module.device)
 
     # -- Lightning hooks -----------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -334,7 +435,7 @@ class AttributeEditingMetrics(StagedEvaluation):
     def _update(
         self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any], seed: int
     ) -> None:
-        m, enabled, attr = self._metrics[stage], self._enabled, self.attribute
+        m, enabled, attr = self._metrics[stage]["model"], self._enabled, self.attribute
         x, pa = batch["x"], batch["pa"]
         y = pa[attr]
         positive = y > 0.5
@@ -347,30 +448,51 @@ class AttributeEditingMetrics(StagedEvaluation):
             if not enabled["reconstruction"]:
                 return
             x_hat = pl_module.reconstruct(x, pa)
-            m["mse"].update(x_hat, x)
             if enabled["leakage"]:
                 m["leakage"].update(self._code(pl_module, x, pa), y, batch["index"])
             edit_0 = pl_module.counterfactual(x, pa, {attr: torch.zeros_like(y)})
             edit_1 = pl_module.counterfactual(x, pa, {attr: torch.ones_like(y)})
+        truth = labels = None
+        if enabled["true_cf"]:
+            truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {attr: (1.0 - y).cpu()})
+            truth = truth.to(device=x.device, dtype=x.dtype)
+        if enabled["preservation"]:
+            labels = trainer.datamodule.attribute_labels(batch["index"].cpu(), self.preserved).to(x.device)
+        self._observe(m, x, positive, x_hat, edit_0, edit_1, truth, labels)
+        if self._evaluates_references(stage):
+            for name, reference in self._references.items():
+                with evaluation_mode(reference):
+                    outputs = (reference.reconstruct(x, pa), reference.counterfactual(x, pa, {attr: torch.zeros_like(y)}),
+                               reference.counterfactual(x, pa, {attr: torch.ones_like(y)}))
+                self._metrics[stage][name]["n_images"].update(torch.tensor(float(x.shape[0]), device=x.device))
+                self._observe(self._metrics[stage][name], x, positive, *outputs, truth, labels)
+
+    def _observe(self, m: nn.ModuleDict, x: Tensor, positive: Tensor, x_hat: Tensor, edit_0: Tensor, edit_1: Tensor,
+                 truth: Tensor | None, labels: Tensor | None) -> None:
+        """Update one subject's metrics from its reconstructions and edits (the model's or a reference's)."""
+        enabled = self._enabled
+        m["mse"].update(x_hat, x)
+        # do(attr = 1 - y) for every input (CDVAE-GAN Table 3): do(0) of the positives, do(1) of the rest
+        flipped = torch.where(positive.view(-1, *([1] * (x.ndim - 1))), edit_0, edit_1)
+        with torch.no_grad():
             if enabled["edits"]:
                 probs_0, probs_1 = self._oracle_probs(edit_0), self._oracle_probs(edit_1)
                 m["C_pos_all"].update(probs_1)
                 m["C_neg_all"].update(probs_0)
                 m["C_pos_paper"].update(probs_1, mask=positive)
                 m["C_neg_paper"].update(probs_0, mask=positive)
-                # do(attr = 1 - y) for every input (CDVAE-GAN Table 3): do(0) of the positives, do(1) of the rest
                 m["flip_acc"].update(torch.where(positive, probs_0, probs_1), (~positive).float())
                 m["n_paper"].update(positive.sum().to(torch.float32))
                 m["acc_oracle_recon"].update(self._oracle_probs(x_hat), positive.long())
-        if enabled["true_cf"]:
-            # do(attr = 1 - y) is do(attr=0) for positive inputs and do(attr=1) for negative ones: reuse the edits.
-            flipped = torch.where(positive.view(-1, *([1] * (x.ndim - 1))), edit_0, edit_1)
-            truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {attr: (1.0 - y).cpu()})
-            truth = truth.to(device=flipped.device, dtype=flipped.dtype)
-            m["true_cf"].update(flipped, truth)
-            if enabled["edits"]:
-                with torch.no_grad():
+            if truth is not None:
+                m["true_cf"].update(flipped, truth, x)
+                if enabled["edits"]:
                     m["acc_oracle_true_cf"].update(self._oracle_probs(truth), (~positive).long())
+            if labels is not None:
+                with evaluating(self._preservation_oracle):
+                    probs = self._preservation_oracle.predict_attributes(flipped)
+                for j, name in enumerate(self.preserved):
+                    m[f"preservation/{name}"].update(probs[name], labels[:, j].long())
 
     @staticmethod
     def _code(pl_module: pl.LightningModule, x: Tensor, pa: Mapping[str, Tensor]) -> Tensor:
@@ -383,38 +505,54 @@ class AttributeEditingMetrics(StagedEvaluation):
     def _oracle_probs(self, x: Tensor) -> Tensor:
         return self._oracle.predict_attributes(x)[self.attribute]
 
-    def _finish(self, stage: str, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Compute (synchronising processes), log, reset; returns the logged values."""
-        m, enabled, attr = self._metrics[stage], self._enabled, self.attribute
-        # Every process computes the same metrics in the same order: compute() is a collective operation.
+    def _compute(self, m: nn.ModuleDict, stage: str, model: bool) -> dict[str, Tensor]:
+        """One subject's values; every process computes the same metrics in the same order (a collective)."""
+        enabled, attr = self._enabled, self.attribute
         computed: dict[str, Tensor] = {f"{stage}/n_images": m["n_images"].compute()}
         if enabled["reconstruction"]:
             computed[f"{stage}/mse"] = m["mse"].compute()
         if enabled["edits"]:
             for name in ("C_pos_paper", "C_neg_paper", "C_pos_all", "C_neg_all", "n_paper", "flip_acc"):
                 computed[f"{stage}/edit/{attr}/{name}"] = m[name].compute()
-        if enabled["acc_E_y"]:
+        if enabled["acc_E_y"] and model:
             computed[f"{stage}/acc/E_y/{attr}"] = m["acc_E_y"].compute()
-        if enabled["acc_oracle"]:
+        if enabled["acc_oracle"] and model:
             computed[f"{stage}/acc/oracle/{attr}"] = m["acc_oracle"].compute()
         if enabled["edits"]:
             computed[f"{stage}/acc/oracle_on_recon/{attr}"] = m["acc_oracle_recon"].compute()
-            if enabled["true_cf"]:
+            if enabled["true_cf"] and model:
                 computed[f"{stage}/acc/oracle_on_true_cf/{attr}"] = m["acc_oracle_true_cf"].compute()
         if enabled["true_cf"]:
             for name, value in m["true_cf"].compute().items():
                 computed[f"{stage}/true_cf/{name}"] = value
-        if enabled["leakage"]:
+        if enabled["leakage"] and model:
             computed[f"{stage}/leakage/{attr}/probe_bacc"] = m["leakage"].compute()
-        values = {}
-        for key, value in computed.items():
-            value = float(value)
-            if value != value:  # NaN: an empty set, e.g. no positive input in the paper subset
-                self._skip(key, f"{key}: no samples in {stage}, not logged")
-                continue
-            values[key] = value
-            pl_module.log(key, value, sync_dist=False)
+        if enabled["preservation"]:
+            kept = {name: m[f"preservation/{name}"].compute() for name in self.preserved}
+            for name, value in kept.items():
+                computed[f"{stage}/preservation/{attr}/{name}"] = value
+            computed[f"{stage}/preservation/{attr}/mean"] = torch.stack([v.double() for v in kept.values()]).mean()
         for metric in m.values():
             metric.reset()
+        return computed
+
+    def _finish(self, stage: str, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Compute (synchronising processes), log, reset; returns the logged values."""
+        values = self._log_values(self._compute(self._metrics[stage]["model"], stage, model=True), stage, pl_module)
+        values.update(self._finish_references(stage, pl_module, lambda name: self._compute(
+            self._metrics[stage][name], stage, model=False)))
         self.results[stage] = values
         return values
+
+
+def _frozen_classifier(spec: str | os.PathLike | nn.Module | None, what: str) -> nn.Module | None:
+    """A judge given as a module or as an ``AttributeClassifier`` checkpoint (loaded without touching the global
+    RNG, see ``load_frozen``)."""
+    if spec is None or isinstance(spec, nn.Module):
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} checkpoint {str(path)!r} does not exist; train the attribute classifier "
+                                f"it names (`make train EXP=<classifier experiment>`) or point `{what}` at its "
+                                "checkpoint.")
+    return load_frozen(path)

@@ -306,6 +306,14 @@ class CelebADataModule(CounterfactualDataModule):
         cols = [header.index(n) for n in names]
         return (values[np.ix_(rows, cols)] > 0).astype(np.float32)
 
+    def attribute_labels(self, index: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """float32 [B, len(names)] 0/1: the labels in ``list_attr_celeba.txt`` of the images at rows ``index``, for
+        any of its attributes (not only the parents): what the preservation judges compare an edit with."""
+        for name in names:
+            _check_attribute_name(name)
+        rows = torch.as_tensor(index).detach().cpu().to(torch.int64).reshape(-1).numpy()
+        return torch.from_numpy(self._labels(rows, names))
+
     def label_frequencies(self, split: str) -> dict[str, float]:
         """P(attribute = 1) in ``split`` for every selected attribute (nan for an empty split)."""
         labels = self._labels(self.split_rows(split), self._names)

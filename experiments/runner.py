@@ -38,6 +38,7 @@ from callbacks.rng_state import RNGState
 from configs.loader import ConfigError, compose, instantiate, override_saved
 from datamodules.base import DatasetError
 from experiments.loggers import finishing
+from experiments.report import markdown_report, split_subjects, verdicts
 
 CONFIG_FILE = "config.yaml"
 
@@ -106,15 +107,18 @@ def _finite(value: Any) -> float | None:
 
 
 def write_metrics(run_dir: Path, cfg: DictConfig, metrics: dict[str, float], extra: dict[str, Any]) -> None:
+    """metrics.json (every value, the reference counterfactuals' under ``test/reference/<name>/``, and the
+    verdicts against them) and metrics.md (the model and the references side by side, ``experiments.report``)."""
     payload = {
         "experiment": cfg.name,
         "run_id": cfg.run_id,
         "seed": cfg.seed,
         "metrics": metrics,
+        "verdicts": [v.as_dict() for v in verdicts(metrics)],
         **extra,
     }
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    (run_dir / "metrics.md").write_text(markdown_table(metrics) + "\n")
+    (run_dir / "metrics.md").write_text(markdown_report(metrics) + "\n")
 
 
 def markdown_table(metrics: dict[str, float | None]) -> str:
@@ -215,11 +219,13 @@ def report_test(trainer: pl.Trainer, datamodule, cfg: DictConfig, run_dir: Path,
     metrics = {k: _finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     if trainer.is_global_zero:
         write_metrics(run_dir, cfg, metrics, {**extra, "n_test_samples": _dataset_size(datamodule, "test")})
+        model, references = split_subjects(metrics)
+        names = sorted(references)
         for logger in trainer.loggers:
             if hasattr(logger, "log_table"):
-                logger.log_table("test/summary", columns=["metric", "value"],
-                                 data=[[k, v] for k, v in sorted(metrics.items())])
-        print(f"\n{cfg.name} ({run_dir})\n{markdown_table(metrics)}")
+                logger.log_table("test/summary", columns=["metric", "model", *names],
+                                 data=[[k, v, *(references[n].get(k) for n in names)] for k, v in sorted(model.items())])
+        print(f"\n{cfg.name} ({run_dir})\n{markdown_report(metrics)}")
     return metrics
 
 

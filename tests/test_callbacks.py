@@ -24,9 +24,10 @@ from datamodules.base import Attribute, CounterfactualDataModule
 from lightning_modules.base import CounterfactualModule
 
 ATTR = "Smiling"
-RENDER_SHIFT = 2 / 16  # how much the attribute brightens (y=1) or darkens (y=0) an image in the data
-EDIT_SHIFT = 3 / 16  # how much the fake model brightens (do=1) or darkens (do=0) an image
+RENDER_SHIFT = 2 / 16  # how much the attribute brightens (y=1) or darkens (y=0) the left half of an image
+EDIT_SHIFT = 3 / 16  # how much the fake model brightens (do=1) or darkens (do=0) a whole image
 CHANNELS, SIZE = 3, 4
+OTHER = "Bright"  # a second, never intervened attribute: the identity's brightness is above 1/2
 
 
 # -- fakes ------------------------------------------------------------------------------------------------
@@ -56,10 +57,13 @@ class StridedSampler(Sampler[int]):
 
 
 class TinyEditingData(CounterfactualDataModule):
-    """Rows [0, n_val) are validation, [n_val, n_val + n_test) test; image = render(identity, Smiling).
+    """Rows [0, n_val) are validation (and the training split), [n_val, n_val + n_test) test; image =
+    render(identity, Smiling).
 
     Each identity is a per-image brightness (3/16 .. 13/16) plus per-pixel jitter of ±1/16, clamped to
-    [2/16, 14/16]; rendering adds ±RENDER_SHIFT, so images stay in [0, 1] and exact on a 1/16 grid.
+    [2/16, 14/16]; rendering adds ±RENDER_SHIFT to the left half of the columns (the attribute's "mouth": the
+    intervention changes those pixels only), so images stay in [0, 1] and exact on a 1/16 grid.
+    ``attribute_labels`` also knows ``OTHER`` (brightness above 1/2), which no intervention changes.
     """
 
     attributes = (Attribute(ATTR),)
@@ -74,6 +78,7 @@ class TinyEditingData(CounterfactualDataModule):
         brightness = torch.randint(3, 14, (n, 1, 1, 1), generator=g)
         jitter = torch.randint(-1, 2, (n, CHANNELS, size, size), generator=g)
         self.identity = ((brightness + jitter).clamp(2, 14) / 16).float()
+        self.bright = (brightness.flatten() > 8).float()
         self.labels = (torch.arange(n) % 3 != 0).float()  # both classes, mostly positive
         self.images = self.render(torch.arange(n), self.labels)
 
@@ -86,7 +91,13 @@ class TinyEditingData(CounterfactualDataModule):
         return self._has_truth
 
     def render(self, index: torch.Tensor, smiling: torch.Tensor) -> torch.Tensor:
-        return self.identity[index] + RENDER_SHIFT * (2 * smiling.view(-1, 1, 1, 1) - 1)
+        mouth = torch.zeros(1, 1, 1, self.size)
+        mouth[..., : self.size // 2] = 1.0
+        return self.identity[index] + RENDER_SHIFT * (2 * smiling.view(-1, 1, 1, 1) - 1) * mouth
+
+    def attribute_labels(self, index: torch.Tensor, names) -> torch.Tensor:
+        table = {ATTR: self.labels, OTHER: self.bright}
+        return torch.stack([table[n][index] for n in names], dim=1)
 
     def true_counterfactual(self, index: torch.Tensor, do: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self._has_truth:
@@ -157,30 +168,44 @@ class FakeEditorWithoutClassifier(FakeEditor):
 
 
 class FakeOracle(nn.Module):
-    """Probability of the attribute = sigmoid(k · (mean pixel − 0.5)): positive iff the mean exceeds 0.5."""
+    """Probability of the attribute = sigmoid(k · (mean pixel − 0.5)): positive iff the mean exceeds 0.5; of
+    ``OTHER``, the same of the right half's mean (which the attribute does not touch)."""
+
+    attributes = (ATTR, OTHER)
 
     def __init__(self, k: float = 20.0) -> None:
         super().__init__()
         self.k = nn.Parameter(torch.tensor(k))
 
     def predict_attributes(self, x):
-        return {ATTR: torch.sigmoid(self.k * (x.mean(dim=(1, 2, 3)) - 0.5))}
+        right = x[..., x.shape[-1] // 2:]
+        return {ATTR: torch.sigmoid(self.k * (x.mean(dim=(1, 2, 3)) - 0.5)),
+                OTHER: torch.sigmoid(self.k * (right.mean(dim=(1, 2, 3)) - 0.5))}
 
 
 # -- hand computation -------------------------------------------------------------------------------------
+def fake_editor_outputs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FakeEditor's reconstruction, do(0) and do(1) of images ``x`` with labels ``y``, by hand."""
+    sign = (2 * y - 1)[:, None, None, None]
+    return np.clip(x + EDIT_SHIFT * sign, 0, 1), np.clip(x - EDIT_SHIFT, 0, 1), np.clip(x + EDIT_SHIFT, 0, 1)
+
+
 def expected_metrics(data: TinyEditingData, rows: range, stage: str, oracle: bool = True, e_y: bool = True,
-                     true_cf: bool = True) -> dict[str, float]:
-    """The callback's values computed independently with NumPy over the whole evaluated set."""
+                     true_cf: bool = True, outputs=fake_editor_outputs, preserved: bool = False,
+                     prefix: str = "") -> dict[str, float]:
+    """The callback's values computed independently with NumPy over the whole evaluated set; ``outputs`` gives
+    the subject's (reconstruction, do(0), do(1)), ``prefix`` the reference part of the keys (``reference/x/``),
+    whose oracle and E_y accuracies on real images are the model's only."""
     x = data.images[list(rows)].double().numpy()
     y = data.labels[list(rows)].double().numpy()
-    sign = (2 * y - 1)[:, None, None, None]
-    x_hat = np.clip(x + EDIT_SHIFT * sign, 0, 1)
-    edit_0, edit_1 = np.clip(x - EDIT_SHIFT, 0, 1), np.clip(x + EDIT_SHIFT, 0, 1)
+    x_hat, edit_0, edit_1 = outputs(x, y)
+    model = not prefix
 
     def oracle_positive(images):
         return images.mean(axis=(1, 2, 3)) > 0.5
 
     positive = y == 1
+    model_flip = np.where(positive[:, None, None, None], edit_0, edit_1)
     out = {f"{stage}/n_images": float(len(y)), f"{stage}/mse": float(((x_hat - x) ** 2).mean())}
     if oracle:
         out.update({
@@ -191,19 +216,32 @@ def expected_metrics(data: TinyEditingData, rows: range, stage: str, oracle: boo
             f"{stage}/edit/{ATTR}/n_paper": float(positive.sum()),
             f"{stage}/edit/{ATTR}/flip_acc": float(np.where(positive, ~oracle_positive(edit_0),
                                                             oracle_positive(edit_1)).mean()),
-            f"{stage}/acc/oracle/{ATTR}": float((oracle_positive(x) == positive).mean()),
             f"{stage}/acc/oracle_on_recon/{ATTR}": float((oracle_positive(x_hat) == positive).mean()),
         })
-    if e_y:
+        if model:
+            out[f"{stage}/acc/oracle/{ATTR}"] = float((oracle_positive(x) == positive).mean())
+    if e_y and model:
         out[f"{stage}/acc/E_y/{ATTR}"] = float(((x[:, 0, 0, 0] > 0.5) == positive).mean())
     if true_cf:
-        model_flip = np.where(positive[:, None, None, None], edit_0, edit_1)
         truth = data.render(torch.as_tensor(list(rows)), 1 - data.labels[list(rows)]).double().numpy()
         out[f"{stage}/true_cf/mse"] = float(((model_flip - truth) ** 2).mean())
         out[f"{stage}/true_cf/l1"] = float(np.abs(model_flip - truth).mean())
-        if oracle:
+        # the intervention changes the left half (every channel) of every image, nothing else
+        inside = np.zeros_like(x, dtype=bool)
+        inside[..., : x.shape[-1] // 2] = True
+        out[f"{stage}/true_cf/effect_mse"] = float(((model_flip - truth) ** 2)[inside].mean())
+        out[f"{stage}/true_cf/effect_l1"] = float(np.abs(model_flip - truth)[inside].mean())
+        out[f"{stage}/true_cf/preservation_mse"] = float(((model_flip - x) ** 2)[~inside].mean())
+        out[f"{stage}/true_cf/preservation_l1"] = float(np.abs(model_flip - x)[~inside].mean())
+        out[f"{stage}/true_cf/changed_fraction"] = 0.5
+        if oracle and model:
             out[f"{stage}/acc/oracle_on_true_cf/{ATTR}"] = float((oracle_positive(truth) == ~positive).mean())
-    return out
+    if preserved:
+        bright = data.bright[list(rows)].numpy() == 1
+        kept = float((oracle_positive(model_flip[..., x.shape[-1] // 2:]) == bright).mean())
+        out[f"{stage}/preservation/{ATTR}/{OTHER}"] = kept
+        out[f"{stage}/preservation/{ATTR}/mean"] = kept
+    return {k.replace(f"{stage}/", f"{stage}/{prefix}", 1): v for k, v in out.items()}
 
 
 def make_trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
@@ -260,8 +298,8 @@ def test_missing_capabilities_are_skipped_and_reported_once(tmp_path, monkeypatc
     logged = trainer.test(model, datamodule=data, verbose=False)[0]
     expected = expected_metrics(data, range(10, 17), "test", oracle=False, e_y=False, true_cf=False)
     assert as_floats(logged) == pytest.approx(expected, rel=1e-6)
-    assert set(callback.skipped) == {"oracle", "E_y", "true_cf"}
-    assert len(reports) == 3
+    assert set(callback.skipped) == {"oracle", "E_y", "true_cf", "preservation"}
+    assert len(reports) == 4
     assert "ground-truth counterfactuals" in callback.skipped["true_cf"]
 
 

@@ -17,8 +17,11 @@ from callbacks.counterfactual_metrics import CounterfactualMetrics
 from callbacks.editing_metrics import AttributeEditingMetrics
 from callbacks.image_grids import CounterfactualGrid
 from callbacks.metrics.leakage import linear_probe_balanced_accuracy
+from callbacks.references import ReferenceCounterfactuals
+from lightning_modules.references import IdentityCounterfactual, MeanImageCounterfactual, NearestTrainingImage
 from tests.test_callbacks import (
     ATTR,
+    OTHER,
     FakeEditor,
     FakeOracle,
     StridedSampler,
@@ -37,10 +40,17 @@ from tests.test_counterfactual_metrics import (
 N_TEST, BATCH = 13, 4
 
 
+def _references() -> ReferenceCounterfactuals:
+    """Every reference, fitted on the training split in each process (the same pool everywhere)."""
+    return ReferenceCounterfactuals({"identity": IdentityCounterfactual(), "mean": MeanImageCounterfactual(),
+                                     "retrieval": NearestTrainingImage()}, retrieval_resolution=2)
+
+
 def _test_metrics(tmp_path, devices: int) -> dict[str, float]:
-    data = TinyEditingData(n_val=2, n_test=N_TEST, batch_size=BATCH)
-    callbacks = [AttributeEditingMetrics(ATTR, oracle=FakeOracle(), leakage_probe=True),
-                 CounterfactualGrid(ATTR, n_images=2)]
+    data = TinyEditingData(n_val=6, n_test=N_TEST, batch_size=BATCH)
+    callbacks = [AttributeEditingMetrics(ATTR, oracle=FakeOracle(), leakage_probe=True,
+                                         preservation_oracle=FakeOracle(), preserved=[OTHER]),
+                 CounterfactualGrid(ATTR, n_images=2), _references()]
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -63,12 +73,15 @@ def test_two_processes_equal_one_process(tmp_path) -> None:
     distributed = _test_metrics(tmp_path / "ddp", devices=2)
     assert distributed == single
     assert single["test/n_images"] == N_TEST
-    data, rows = TinyEditingData(n_val=2, n_test=N_TEST), torch.arange(2, 2 + N_TEST)
-    expected = expected_metrics(data, range(2, 2 + N_TEST), "test")
+    data, rows = TinyEditingData(n_val=6, n_test=N_TEST), torch.arange(6, 6 + N_TEST)
+    expected = expected_metrics(data, range(6, 6 + N_TEST), "test", preserved=True)
     # FakeEditor abducts the image itself; the probe is fitted on the whole gathered set on every process.
     expected[f"test/leakage/{ATTR}/probe_bacc"] = linear_probe_balanced_accuracy(
         data.images[rows], data.labels[rows], rows).item()
-    assert single == pytest.approx(expected, rel=1e-6)
+    model_keys = {k: v for k, v in single.items() if "/reference/" not in k}
+    assert model_keys == pytest.approx(expected, rel=1e-6)
+    assert {k.split("/")[2] for k in single if "/reference/" in k} == {"identity", "mean", "retrieval"}
+    assert single["test/reference/identity/true_cf/preservation_mse"] == 0.0
     assert (tmp_path / "ddp" / "images" / "test_cf_grid.png").is_file()
 
 
@@ -82,11 +95,18 @@ class _StridedPixelParentsData(PixelParentsData):
         return self._loader(self.dataset("test"), sampler=sampler)
 
 
-def _counterfactual_metrics(tmp_path, devices: int) -> dict[str, float]:
-    callback = CounterfactualMetrics(predictors=ReadingPredictors(), vae=PixelVAE(), composition_m=(1, 3),
-                                     distances=("l1", "embedding"), fid="fid_domain", fid_real="eval")
+def _counterfactual_metrics(tmp_path, devices: int, references: bool = False) -> dict[str, float]:
+    # ddp_spawn returns rank 0's logged values through a pipe that its parent reads only after the workers exit:
+    # a few hundred keys fill the pipe and hang both. The run with references therefore logs fewer metrics.
+    if references:
+        callback = CounterfactualMetrics(predictors=ReadingPredictors(), composition_m=(1,), fid="fid_domain",
+                                         fid_real="eval")
+    else:
+        callback = CounterfactualMetrics(predictors=ReadingPredictors(), vae=PixelVAE(), composition_m=(1, 3),
+                                         distances=("l1", "embedding"), fid="fid_domain", fid_real="eval")
+    callbacks = [callback, _references()] if references else [callback]
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                         use_distributed_sampler=False, callbacks=[callback], logger=False,
+                         use_distributed_sampler=False, callbacks=callbacks, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path)
     trainer.test(ShiftingModel(), datamodule=_StridedPixelParentsData(), verbose=False)
@@ -115,3 +135,14 @@ def test_counterfactual_metrics_two_processes_equal_one(tmp_path) -> None:
     # the per-sample file gathers every image's values from both processes
     rows = [(tmp_path / run / "per_sample.csv").read_text().splitlines() for run in ("single", "ddp")]
     assert len(rows[0]) == N + 1 and rows[1] == rows[0]
+
+
+def test_reference_counterfactuals_two_processes_equal_one(tmp_path) -> None:
+    single = _counterfactual_metrics(tmp_path / "single", devices=1, references=True)
+    distributed = _counterfactual_metrics(tmp_path / "ddp", devices=2, references=True)
+    model = {k.split("/", 1)[1] for k in single if "/reference/" not in k}
+    for name in ("identity", "mean", "retrieval"):
+        assert {k.split("/", 3)[3] for k in single if k.startswith(f"test/reference/{name}/")} == model, name
+    assert single["test/reference/identity/true_cf/do_b/preservation_mse"] == 0.0
+    assert single["test/reference/mean/true_cf/do_b/preservation_mse"] > 0.0
+    assert distributed == pytest.approx(single, rel=1e-5, abs=1e-6)

@@ -7,7 +7,17 @@ These are the quantities of IFcVAE-GAN (Creswell et al., "Adversarial Informatio
 * ``Ĉ_Smiling`` / ``Ĉ_Not-Smiling``: the fraction of images edited with ``do(y=1)`` / ``do(y=0)`` that an
   *independent* classifier (the oracle) assigns to the requested class → :class:`EditSuccessRate`;
 * for synthetic data, where the true counterfactual can be rendered, pixel MSE and L1 between the model's
-  counterfactual and the ground truth → :class:`TrueCounterfactualError`.
+  counterfactual and the ground truth → :class:`TrueCounterfactualError`, and the same error split into the
+  pixels the intervention changes and the rest → :class:`TrueCounterfactualSplitError`:
+
+  - *effect*: the error of x* against the truth on the pixels where x and its true counterfactual differ (by
+    more than ``tolerance`` in some channel): did the model make the change, and the right one?
+  - *preservation*: the error of x* against x on all other pixels: did it keep what the intervention does not
+    touch? ``changed_fraction`` is the share of pixels in the first set.
+
+  Doing nothing (x* = x) scores a perfect preservation and the full size of the change as effect; an image
+  that ignores x (the mean image) scores a poor preservation. A model is judged beside both
+  (``lightning_modules.references``).
 
 Every metric is a pure functional core (``*_counts``/``*_sums`` for one batch, a plain function for a whole
 tensor) plus a torchmetrics ``Metric`` whose states are sums and counts reduced with ``sum``. Set-level values
@@ -33,12 +43,21 @@ __all__ = [
     "FlipSuccessRate",
     "ReconstructionMSE",
     "TrueCounterfactualError",
+    "TrueCounterfactualSplitError",
+    "changed_pixels",
     "edit_success_counts",
     "edit_success_rate",
     "error_sums",
     "reconstruction_mse",
+    "split_error_sums",
     "true_counterfactual_error",
+    "true_counterfactual_split_error",
 ]
+
+#: a pixel is changed by the intervention when its true counterfactual differs from it by more than this in some
+#: channel (images in [0, 1]): two grey levels, so that the JPEG ripple of one or two levels that an edit leaves in
+#: the surrounding 8x8 blocks of the synthetic faces counts as preserved, not as the edit.
+CHANGED_TOLERANCE = 2.0 / 255.0
 
 
 def _check_same_shape(preds: Tensor, target: Tensor) -> None:
@@ -61,6 +80,54 @@ def error_sums(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     diff = preds.to(torch.float64) - target.to(torch.float64)
     count = torch.tensor(diff.numel(), dtype=torch.long, device=diff.device)
     return diff.square().sum(), diff.abs().sum(), count
+
+
+def changed_pixels(x: Tensor, truth: Tensor, tolerance: float = CHANGED_TOLERANCE) -> Tensor:
+    """bool [B, 1, H, W]: the pixels where ``truth`` differs from ``x`` by more than ``tolerance`` in some channel."""
+    _check_same_shape(x, truth)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W], got {tuple(x.shape)}")
+    return ((x.to(torch.float64) - truth.to(torch.float64)).abs() > tolerance).any(dim=1, keepdim=True)
+
+
+def split_error_sums(preds: Tensor, x: Tensor, truth: Tensor, tolerance: float = CHANGED_TOLERANCE
+                     ) -> dict[str, Tensor]:
+    """Sums for the effect and preservation errors of counterfactuals ``preds`` of ``x`` with true counterfactuals
+    ``truth`` (all [B, C, H, W]): squared and absolute errors against ``truth`` over the changed pixels' elements
+    (``effect_*``) and against ``x`` over the others (``preservation_*``), float64, with their element counts
+    (long) and the number of changed and of all pixels."""
+    _check_same_shape(preds, x)
+    changed = changed_pixels(x, truth, tolerance).expand_as(x)
+    effect = (preds.to(torch.float64) - truth.to(torch.float64))[changed]
+    kept = (preds.to(torch.float64) - x.to(torch.float64))[~changed]
+    pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    device = x.device
+    return {
+        "effect_sq": effect.square().sum(), "effect_abs": effect.abs().sum(),
+        "effect_n": torch.tensor(effect.numel(), dtype=torch.long, device=device),
+        "preservation_sq": kept.square().sum(), "preservation_abs": kept.abs().sum(),
+        "preservation_n": torch.tensor(kept.numel(), dtype=torch.long, device=device),
+        "changed_pixels": torch.tensor(int(changed[:, 0].sum()), dtype=torch.long, device=device),
+        "pixels": torch.tensor(pixels, dtype=torch.long, device=device),
+    }
+
+
+def true_counterfactual_split_error(preds: Tensor, x: Tensor, truth: Tensor,
+                                    tolerance: float = CHANGED_TOLERANCE) -> dict[str, Tensor]:
+    """Whole-image ``mse``/``l1`` against ``truth``, ``effect_mse``/``effect_l1`` (changed pixels, against the
+    truth), ``preservation_mse``/``preservation_l1`` (the other pixels, against ``x``) and ``changed_fraction``;
+    NaN for an empty set."""
+    s = split_error_sums(preds, x, truth, tolerance)
+    return {**true_counterfactual_error(preds, truth), **_split_values(s)}
+
+
+def _split_values(s: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {
+        "effect_mse": _ratio(s["effect_sq"], s["effect_n"]), "effect_l1": _ratio(s["effect_abs"], s["effect_n"]),
+        "preservation_mse": _ratio(s["preservation_sq"], s["preservation_n"]),
+        "preservation_l1": _ratio(s["preservation_abs"], s["preservation_n"]),
+        "changed_fraction": _ratio(s["changed_pixels"], s["pixels"]),
+    }
 
 
 def reconstruction_mse(preds: Tensor, target: Tensor) -> Tensor:
@@ -193,3 +260,34 @@ class TrueCounterfactualError(ReconstructionMSE):
             "mse": _ratio(self.sum_squared_error, self.total),
             "l1": _ratio(self.sum_absolute_error, self.total),
         }
+
+
+class TrueCounterfactualSplitError(TrueCounterfactualError):
+    """:class:`TrueCounterfactualError` plus the effect / preservation split of the module docstring, over a whole
+    set from float64 sums and element counts (the same on one process or many).
+
+    ``update(preds, truth, x)``; ``compute()`` returns ``{"mse", "l1", "effect_mse", "effect_l1",
+    "preservation_mse", "preservation_l1", "changed_fraction"}`` (NaN where a set is empty: an intervention that
+    changes no pixel has no effect to measure).
+    """
+
+    _SPLIT_STATES = ("effect_sq", "effect_abs", "effect_n", "preservation_sq", "preservation_abs",
+                     "preservation_n", "changed_pixels", "pixels")
+
+    def __init__(self, tolerance: float = CHANGED_TOLERANCE, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.tolerance = float(tolerance)
+        for name in self._SPLIT_STATES:
+            integer = name.endswith("_n") or name in ("changed_pixels", "pixels")
+            self.add_state(name, torch.tensor(0, dtype=torch.long) if integer
+                           else torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor, x: Tensor) -> None:  # type: ignore[override]
+        super().update(preds, target)
+        for name, value in split_error_sums(preds, x, target, self.tolerance).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {**super().compute(), **_split_values({n: getattr(self, n) for n in self._SPLIT_STATES})}

@@ -338,6 +338,14 @@ class FID(_FeatureMetric):
         """Whether real images have been seen since the last reset that cleared them."""
         return bool(self.real_n > 0)
 
+    def copy_real(self, other: FID) -> None:
+        """Take ``other``'s real moments (this process's share, as ``other`` holds them between computes): the
+        same real set for another fake set, e.g. a reference counterfactual evaluated beside a model."""
+        if other.num_features != self.num_features:
+            raise ValueError(f"cannot copy real moments of {other.num_features} features into {self.num_features}")
+        for k in ("sum", "outer", "n"):
+            setattr(self, f"real_{k}", getattr(other, f"real_{k}").clone())
+
     def reset(self) -> None:
         kept = None if self.reset_real else {k: getattr(self, f"real_{k}").clone() for k in ("sum", "outer", "n")}
         super().reset()
