@@ -12,6 +12,13 @@ without paper values.
 counterfactuals) and 3 (the oracle's accuracy on the flipped attribute, beside its accuracy on real test
 images) for runs evaluated with ``configs/callbacks/cdvae.yaml``, and their true-counterfactual errors; labels
 ``"VAE"``, ``"VAE-GAN"`` and ``"CDVAE-GAN"`` get the paper's values.
+
+Every table ends with the reference counterfactuals evaluated under the same protocol (``x* = x``, the mean
+training image, the nearest training image with the target parents; ``lightning_modules.references``), read from
+the runs' ``test/reference/<name>/...`` values, so that a reader sees what a counterfactual that ignores its
+task scores. They come from the first run that has them; a run whose references differ (another protocol, e.g.
+other judges or another SCM) is named in a warning. Models that fail a verdict (``experiments.report``) are
+listed after the tables.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+from experiments.report import REFERENCE_LABELS, split_subjects, verdicts
 
 # counterfactual_benchmark Tables 1, 3 and 5 (MorphoMNIST), means only.
 PAPER_COMPOSITION = {  # l1 image 1 / 10 cycles, l1 embeddings 1 / 10 cycles
@@ -104,8 +113,10 @@ def effectiveness_table(runs: dict[str, tuple[dict, dict]], source: str = "effec
                 ours = _cell(m, s, f"test/{source}/do_{p}/{q}")
                 if source == "effectiveness":
                     cells.append(f"{ours} ({_paper(PAPER_EFFECTIVENESS, label, 3 * qi + pi)})")
-                else:  # beside it, the factual image measured against the same targets
-                    cells.append(f"{ours} ({_cell(m, s, f'test/{source}_unchanged/do_{p}/{q}')})")
+                else:  # beside it, the factual image (x* = x) measured against the same targets
+                    unchanged = m.get(f"test/reference/identity/{source}/do_{p}/{q}",
+                                      m.get(f"test/{source}_unchanged/do_{p}/{q}"))
+                    cells.append(f"{ours} ({_fmt(unchanged)})")
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -120,10 +131,14 @@ def realism_table(runs: dict[str, tuple[dict, dict]]) -> str:
 
 
 def truth_table(runs: dict[str, tuple[dict, dict]]) -> str:
-    """The error against the TRUE counterfactuals (data built by this project): pixel MSE and L1 in [0, 1]."""
-    rows = ["| model | MSE do(t) | MSE do(i) | L1 do(t) | L1 do(i) |", "|---|---|---|---|---|"]
+    """The error against the TRUE counterfactuals (data built by this project): pixel MSE in [0, 1] over the
+    whole image, over the pixels the intervention changes (effect, against the truth) and over the others
+    (preservation, against x), and the whole-image L1."""
+    kinds = ("mse", "effect_mse", "preservation_mse")
+    head = " | ".join(f"{k.replace('_mse', '').replace('mse', 'MSE')} do({p[0]})" for k in kinds for p in PARENTS[:2])
+    rows = [f"| model | {head} | L1 do(t) | L1 do(i) |", "|---|" + "---|" * (2 * len(kinds) + 2)]
     for label, (m, s) in runs.items():
-        cells = [_cell(m, s, f"test/true_cf/do_{p}/{k}") for k in ("mse", "l1") for p in PARENTS[:2]]
+        cells = [_cell(m, s, f"test/true_cf/do_{p}/{k}") for k in (*kinds, "l1") for p in PARENTS[:2]]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -163,13 +178,44 @@ def cdvae_accuracy_table(runs: dict[str, tuple[dict, dict]]) -> str:
     return "\n".join(rows)
 
 
-def cdvae_truth_table(runs: dict[str, tuple[dict, dict]]) -> str:
-    """Pixel MSE of each flip against the rendered true counterfactual (synthetic faces only)."""
+def cdvae_truth_table(runs: dict[str, tuple[dict, dict]], kind: str = "mse") -> str:
+    """Pixel MSE of each flip against the rendered true counterfactual (synthetic faces only); ``kind``
+    ``effect_mse`` / ``preservation_mse`` restricts it to the pixels the flip changes / leaves alone."""
     rows = ["| model | " + " | ".join(CDVAE_ATTRIBUTES) + " |", "|---|" + "---|" * len(CDVAE_ATTRIBUTES)]
     for label, (m, s) in runs.items():
-        rows.append(f"| {label} | " + " | ".join(_cell(m, s, f"test/true_cf/do_{a}/mse") for a in CDVAE_ATTRIBUTES)
+        rows.append(f"| {label} | " + " | ".join(_cell(m, s, f"test/true_cf/do_{a}/{kind}") for a in CDVAE_ATTRIBUTES)
                     + " |")
     return "\n".join(rows)
+
+
+def with_references(runs: dict[str, tuple[dict, dict]]) -> dict[str, tuple[dict, dict]]:
+    """``runs`` followed by one row per reference counterfactual (from the first run that has them)."""
+    found: dict[str, dict] = {}
+    for label, (m, _) in runs.items():
+        _, references = split_subjects(m)
+        for name, values in references.items():
+            if name not in found:
+                found[name] = values
+                continue
+            differ = [k for k, v in values.items() if k in found[name] and v is not None
+                      and found[name][k] is not None and not math.isclose(v, found[name][k], rel_tol=1e-4,
+                                                                           abs_tol=1e-6)]
+            if differ:
+                print(f"warning: {label}'s reference {name!r} differs from the first run's on {len(differ)} metrics "
+                      f"(e.g. {differ[0]}): its protocol is not the same", file=sys.stderr)
+    out = dict(runs)
+    for name in [n for n in REFERENCE_LABELS if n in found] + sorted(set(found) - set(REFERENCE_LABELS)):
+        metrics = dict(found[name])
+        # the morphometric table shows the identity's value in brackets in every row, these included
+        metrics.update({k.replace("morpho_effectiveness", "morpho_effectiveness_unchanged"): v
+                        for k, v in found.get("identity", {}).items() if "morpho_effectiveness" in k})
+        out[f"*{REFERENCE_LABELS.get(name, name)}* (reference)"] = (metrics, {})
+    return out
+
+
+def failures(runs: dict[str, tuple[dict, dict]]) -> list[str]:
+    """One line per failed verdict of each run (``experiments.report``)."""
+    return [f"- {label}: {v.line()}" for label, (m, _) in runs.items() for v in verdicts(m) if not v.passes]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         # a label may hold "=" (e.g. "HVAE (t_r=0)"), a run directory does not
-        runs = {label: load(path) for label, path in (a.rsplit("=", 1) for a in argv)}
+        models = {label: load(path) for label, path in (a.rsplit("=", 1) for a in argv)}
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    runs = with_references(models)
+    failed = failures(models)
     if cdvae:
         print("FID of the counterfactuals (Table 2): ours (paper, Inception features on CelebA)\n\n"
               + cdvae_fid_table(runs))
@@ -192,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
               + cdvae_accuracy_table(runs))
         print("\nPixel MSE against the true counterfactuals (synthetic faces only; not in the paper)\n\n"
               + cdvae_truth_table(runs))
+        print("\nEffect: the same on the pixels each flip changes\n\n" + cdvae_truth_table(runs, "effect_mse"))
+        print("\nPreservation: the error against x on the other pixels\n\n"
+              + cdvae_truth_table(runs, "preservation_mse"))
+        _print_failures(failed)
         return 0
     print("Composition (Table 1): ours (paper)\n\n" + composition_table(runs))
     print("\nEffectiveness by the anti-causal predictors (Table 3): ours (paper)\n\n" + effectiveness_table(runs))
@@ -199,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
           "toward its target where its value is below)\n\n" + effectiveness_table(runs, "morpho_effectiveness"))
     print("\nRealism and minimality (Table 5): ours (paper)\n\n" + realism_table(runs))
     print("\nError against the true counterfactuals (synthetic data only; not in the paper)\n\n" + truth_table(runs))
+    _print_failures(failed)
     return 0
+
+
+def _print_failures(failed: list[str]) -> None:
+    print("\nVerdicts against the reference counterfactuals: "
+          + ("every model passes." if not failed else "these fail.\n\n" + "\n".join(failed)))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,33 @@ def test_a_missing_run_is_named(tmp_path, capsys):
 def test_truth_table_reads_the_true_counterfactual_errors(tmp_path):
     from experiments.tables import truth_table
 
-    run = load(_run(tmp_path, {"test/true_cf/do_thickness/mse": 0.5, "test/true_cf/do_intensity/l1": 0.25}))
-    assert truth_table({"m": run}).splitlines()[2] == "| m | 0.500 | – | – | 0.250 |"
+    run = load(_run(tmp_path, {"test/true_cf/do_thickness/mse": 0.5, "test/true_cf/do_intensity/l1": 0.25,
+                               "test/true_cf/do_thickness/effect_mse": 0.125,
+                               "test/true_cf/do_intensity/preservation_mse": 0.0625}))
+    table = truth_table({"m": run}).splitlines()
+    assert table[0].startswith("| model | MSE do(t) | MSE do(i) | effect do(t) | effect do(i) | preservation do(t) |")
+    assert table[2] == "| m | 0.500 | – | 0.125 | – | – | 0.062 | – | 0.250 |"
+
+
+def test_reference_rows_and_failures_follow_the_models(tmp_path, capsys):
+    from experiments.tables import failures, with_references
+
+    reference = {"test/reference/identity/true_cf/do_thickness/effect_mse": 0.2,
+                 "test/reference/identity/morpho_effectiveness/do_thickness/thickness": 0.87,
+                 "test/reference/mean/true_cf/do_thickness/effect_mse": 0.3}
+    good = {"test/true_cf/do_thickness/effect_mse": 0.1, "test/morpho_effectiveness/do_thickness/thickness": 0.2,
+            **reference}
+    bad = {**good, "test/true_cf/do_thickness/effect_mse": 0.25,
+           "test/reference/identity/true_cf/do_thickness/effect_mse": 0.2001}
+    runs = {"good": load(_run(tmp_path / "g", good)), "bad": load(_run(tmp_path / "b", bad))}
+    rows = with_references(runs)
+    assert list(rows) == ["good", "bad", "*x* = x* (reference)", "*mean image* (reference)"]
+    assert rows["*x* = x* (reference)"][0]["test/true_cf/do_thickness/effect_mse"] == 0.2
+    assert "'identity' differs from the first run's" in capsys.readouterr().err
+    assert [line.split(":")[0] for line in failures(runs)] == ["- bad"]
+    table = effectiveness_table(rows, "morpho_effectiveness").splitlines()
+    assert table[2].startswith("| good | 0.200 (0.870) |")
+    assert table[4].startswith("| *x* = x* (reference) | 0.870 (0.870) |")
 
 
 def test_cdvae_tables_put_the_papers_values_beside_ours(tmp_path, capsys):
