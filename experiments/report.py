@@ -102,7 +102,14 @@ def verdicts(metrics: Mapping[str, float | None]) -> list[Verdict]:
             theirs = references.get(reference, {}).get(key)
             if value is not None and theirs is not None:
                 out.append(Verdict(key, what, value, reference, theirs, lower, bar))
-    return out
+    # Two callbacks may report the same quantity (the editing metrics' true_cf/effect_mse and the counterfactual
+    # metrics' true_cf/do_<attr>/effect_mse of the same flip): one verdict is enough.
+    seen, unique = set(), []
+    for v in out:
+        if (v.what, v.model, v.reference_value) not in seen:
+            seen.add((v.what, v.model, v.reference_value))
+            unique.append(v)
+    return unique
 
 
 def _fmt(value: float | None) -> str:
