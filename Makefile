@@ -51,7 +51,7 @@ lint: $(STAMP) ## Lint with ruff
 bench: $(STAMP) ## Benchmarks (data generation, loading, training-step speed); results in docs/benchmarks.md
 	$(BIN)/python -m benchmarks $(ARGS)
 
-quickstart: $(STAMP) ## Synthetic faces -> Smiling oracle -> IFcVAE-GAN -> counterfactual metrics table (CPU, < 15 min)
+quickstart: $(STAMP) ## Synthetic faces -> attribute judge -> IFcVAE-GAN -> metrics beside the reference counterfactuals (CPU, < 10 min)
 	$(BIN)/python -m experiments.quickstart $(ARGS)
 
 DEEPSCM_MNIST = scm_morphomnist_synth predictors_morphomnist_synth vae_morphomnist_synth cvae_morphomnist_synth \
