@@ -27,10 +27,11 @@ Logged keys (``stage`` is ``val`` or ``test``)::
     {stage}/reversibility/{parent}/{distance}
     {stage}/effectiveness/do_{parent}/{measured}  MAE in original units / accuracy / F1
     {stage}/morpho_effectiveness/do_{parent}/{measured}
-    {stage}/morpho_effectiveness_unchanged/do_{parent}/{measured}   the same for x* = x: what doing nothing scores
+    {stage}/reference/{name}/...                  every key above for the reference counterfactuals
+                                                  (``callbacks.references``; x* = x is ``reference/identity``)
     {stage}/cld[/{parent}], {stage}/cld_p_sx_star_le_div, {stage}/cld_p_sx_ge_div
     {stage}/fid_{domain|inception}
-    {stage}/true_cf/do_{parent}/{mse|l1}
+    {stage}/true_cf/do_{parent}/{mse|l1|effect_mse|effect_l1|preservation_mse|preservation_l1|changed_fraction}
 
 Values are torchmetrics states synchronised at compute, logged with ``sync_dist=False``; what cannot be computed
 (no predictors, no VAE, a model that cannot abduct, no ground truth) is skipped with one printed reason, kept

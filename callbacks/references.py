@@ -64,12 +64,20 @@ class ReferenceCounterfactuals(pl.Callback):
         if not self._fitted and self.models:
             if any(m.needs_pool for m in self.models.values()):
                 datamodule = trainer.datamodule
-                pool = TrainingPool(datamodule.dataset("train"), datamodule.attributes, self.pool_size, self.seed,
-                                    self.retrieval_resolution)
-                rank_zero_info(f"[ReferenceCounterfactuals] {', '.join(self.models)} fitted on {len(pool)} "
-                               "training images")
-                for model in self.models.values():
-                    model.fit(pool)
+                train = datamodule.dataset("train")
+                if len(train) == 0:
+                    # e.g. an evaluation of the real MorphoMNIST test digits alone: nothing to average or retrieve
+                    dropped = [n for n, m in self.models.items() if m.needs_pool]
+                    rank_zero_info(f"[ReferenceCounterfactuals] the training split is empty: no {', '.join(dropped)} "
+                                   "reference")
+                    self.models = {n: m for n, m in self.models.items() if not m.needs_pool}
+                else:
+                    pool = TrainingPool(train, datamodule.attributes, self.pool_size, self.seed,
+                                        self.retrieval_resolution)
+                    rank_zero_info(f"[ReferenceCounterfactuals] {', '.join(self.models)} fitted on {len(pool)} "
+                                   "training images")
+                    for model in self.models.values():
+                        model.fit(pool)
             self._fitted = True
         return self.models
 

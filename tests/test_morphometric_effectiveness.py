@@ -49,18 +49,23 @@ def test_the_callback_reports_what_doing_nothing_scores():
     import pytorch_lightning as pl
 
     from callbacks.counterfactual_metrics import CounterfactualMetrics
+    from callbacks.references import ReferenceCounterfactuals
 
     dm = MorphoMNISTDataModule(str(shared_path("morphomnist")), layout="t10k_only", t10k_split=(0, 0, 48),
                                batch_size=16)
     callback = CounterfactualMetrics(intervene=["thickness", "digit"], composition_m=(1,), morphometric=True,
                                      per_sample_csv=False)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
+    # the test split alone: no training images for the mean and the retrieval, which are dropped; x* = x stays
+    references = ReferenceCounterfactuals()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=[callback, references], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.test(CopyModel(), datamodule=dm, verbose=False)  # x* = x
     results = callback.results["test"]
     for do in ("thickness", "digit"):
         for measured in ("thickness", "intensity"):
             key = f"do_{do}/{measured}"
-            assert results[f"test/morpho_effectiveness/{key}"] == results[f"test/morpho_effectiveness_unchanged/{key}"]
+            assert results[f"test/morpho_effectiveness/{key}"] == \
+                results[f"test/reference/identity/morpho_effectiveness/{key}"]
+    assert set(references.models) == {"identity"}
     # do(thickness) draws targets from other bins: doing nothing leaves the thickness far from them
-    assert results["test/morpho_effectiveness_unchanged/do_thickness/thickness"] > 0.5
+    assert results["test/reference/identity/morpho_effectiveness/do_thickness/thickness"] > 0.5
