@@ -43,7 +43,8 @@ def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | No
     created = [d for d in (run_dir.parent.parent, run_dir.parent, run_dir) if not d.exists()]
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
-        datamodule, model, trainer = build(cfg, run_dir, verify=lambda model: check_fits(model, shapes, ckpt, name))
+        datamodule, model, trainer = build(cfg, run_dir, verify=lambda model: check_fits(model, shapes, ckpt, name),
+                                           check_test_split=False)  # the test split is all it reads
         with finishing(trainer.loggers):
             trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
             return report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})

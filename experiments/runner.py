@@ -167,13 +167,18 @@ def _write_run_dir(run_dir: Path, cfg: DictConfig) -> None:
                           f"paths.runs_dir.") from None
 
 
-def build(cfg: DictConfig, run_dir: Path, verify: Callable[[pl.LightningModule], None] | None = None):
+def build(cfg: DictConfig, run_dir: Path, verify: Callable[[pl.LightningModule], None] | None = None,
+          check_test_split: bool = True):
     """Data, model, callbacks, logger and trainer of a composed config, in the order that fails fastest on a
-    user mistake: the config's types first, then the data (a missing dataset is the commonest mistake), the
-    model, its callbacks and ``verify(model)`` (e.g. that a checkpoint fits it); only then is the run directory
-    with its config.yaml written, and the logger and trainer made."""
+    user mistake: the config's types first, then the data (a missing dataset is the commonest mistake; the
+    test split, first read after training, is read once now), the model, its callbacks and ``verify(model)``
+    (e.g. that a checkpoint fits it); only then is the run directory with its config.yaml written, and the
+    logger and trainer made."""
     check(cfg)
     datamodule = instantiate(cfg.data, "data")
+    # Data that a builder writes (in prepare_data, inside fit) is generated here, not downloaded: not checked.
+    if check_test_split and cfg.test.enabled and getattr(datamodule, "builder", None) is None:
+        datamodule.check_split("test")
     model = instantiate(cfg.model, "model")
     callbacks = [instantiate(c, f"callbacks.{k}") for k, c in cfg.callbacks.items() if c is not None]
     if verify is not None:
@@ -285,10 +290,12 @@ def _fit_and_test(cfg: DictConfig, run_dir: Path, datamodule, model, trainer: pl
             print("Interrupted before the first training step; nothing was saved.", file=sys.stderr)
         return RunResult(run_dir, interrupted=True)
 
-    saved = {c.filename: c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)}
-    best, last = saved.get("best"), saved["last"]
-    result = RunResult(run_dir, best_checkpoint=(best.best_model_path or None) if best else None,
-                       last_checkpoint=last.best_model_path or None)
+    # The files of this run folder, not the paths remembered in a restored ModelCheckpoint state: those are
+    # absolute, and name another folder's files once a run folder has been moved or copied.
+    saved = {c.filename for c in trainer.callbacks if isinstance(c, ModelCheckpoint)}
+    best, last = (run_dir / "checkpoints" / f"{n}.ckpt" for n in ("best", "last"))
+    result = RunResult(run_dir, best_checkpoint=str(best) if "best" in saved and best.is_file() else None,
+                       last_checkpoint=str(last) if last.is_file() else None)
     if cfg.test.enabled:
         which = cfg.test.ckpt
         test_ckpt = result.best_checkpoint if which == "best" and result.best_checkpoint else result.last_checkpoint
