@@ -79,7 +79,7 @@ def report(err: BaseException, run_dir: Path | None = None) -> int:
             message += f" The run's last good checkpoint is {last}: resume={run_dir}."
         log = run_dir / ERROR_LOG if run_dir is not None else None
         if log is not None and log.is_file():
-            message += f" Traceback: {log}."
+            message += f" The traceback is in {log}."
         else:
             message += f" Run again with {DEBUG_FLAG} for the traceback."
     print(f"error: {message}", file=sys.stderr)
