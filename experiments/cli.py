@@ -101,8 +101,36 @@ def resolve_resume(resume: str, name: str, runs_dir: str) -> Path:
     return run_dir.resolve()
 
 
+# What a saved config may build. A run folder can come from anyone, and its config.yaml names the callables that
+# resume= calls (`_target_`): one naming `os.system` would run a command. Within these packages, nothing runs
+# code named by its arguments.
+TRUSTED_TARGETS = ("lightning_modules.", "datamodules.", "callbacks.", "experiments.", "configs.", "tests.helpers.",
+                   "torch.nn.", "torch.optim.", "pytorch_lightning.", "torchmetrics.", "normflows.")
+
+
+def _targets(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        own = [str(node["_target_"])] if "_target_" in node else []
+        return own + [t for k, v in node.items() if k != "_target_" for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def check_saved_targets(cfg: Any, path: Path) -> None:
+    """Refuse a saved config that would build something outside the packages cfgen builds from."""
+    from omegaconf import OmegaConf
+
+    foreign = [t for t in _targets(OmegaConf.to_container(cfg, resolve=False)) if not t.startswith(TRUSTED_TARGETS)]
+    if foreign:
+        raise ConfigError(f"Cannot resume: {path} names _target_ '{foreign[0]}', outside the packages cfgen builds "
+                          f"from, and resuming would call it. Nothing was run. Start the run again, or edit that "
+                          f"config if you trust where it came from.")
+
+
 def load_saved_config(run_dir: Path, name: str, overrides: list[str]):
-    """A run folder's saved config with ``overrides``; it must be a config of experiment ``name``."""
+    """A run folder's saved config with ``overrides``; it must be a config of experiment ``name`` that builds only
+    from cfgen's packages."""
     from omegaconf import DictConfig, OmegaConf
 
     try:
@@ -113,6 +141,7 @@ def load_saved_config(run_dir: Path, name: str, overrides: list[str]):
         saved = cfg.get("name") if isinstance(cfg, DictConfig) else None
         raise ConfigError(f"Cannot resume: {run_dir} is a run of experiment {saved!r}, not {name!r}. Use "
                           f"python -m experiments {saved} resume={run_dir}, or another run folder.")
+    check_saved_targets(cfg, run_dir / CONFIG_FILE)
     return override_saved(cfg, overrides)
 
 

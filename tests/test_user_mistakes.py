@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.core.optimizer import LightningOptimizer
 
 from datamodules.chexpert import TRAIN_CSV
@@ -406,6 +407,22 @@ def test_testing_refuses_a_malicious_best_checkpoint(data, trained, tmp_path, ca
     run_dir = tmp_path / "runs" / "classifier_smiling" / "swap"
     assert re.search(rf"checkpoint {run_dir}/checkpoints/best\.ckpt {REFUSED}", the_error_line(capsys))
     assert not (tmp_path / "MARKER").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_resume_refuses_a_run_config_that_would_call_anything(trained, tmp_path, steps, capsys):
+    """A run folder's config.yaml names what resume= builds: one naming a callable outside cfgen's packages (here
+    one that would create a file) is refused before anything is built."""
+    run_dir = _copy_run(trained, tmp_path)
+    config = run_dir / "config.yaml"
+    marker = tmp_path / "MARKER"
+    saved = OmegaConf.load(config)
+    saved.callbacks.extra = {"_target_": "pathlib.Path.touch", "self": str(marker)}  # a "callback" that makes a file
+    OmegaConf.save(saved, config)
+    before = snapshot(tmp_path)
+    assert train_main(["classifier_smiling", f"resume={run_dir}"]) == 2
+    assert re.search(rf"Cannot resume: {config} names _target_ 'pathlib\.Path\.touch', outside the packages cfgen "
+                     rf"builds from, and resuming would call it\. Nothing was run\.", the_error_line(capsys))
+    assert not marker.exists() and steps == [] and snapshot(tmp_path) == before
 
 
 def test_resume_of_another_experiments_run_names_it(trained, capsys):
