@@ -33,12 +33,11 @@ def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | No
 
     from experiments.loggers import finishing
     from experiments.runner import _remove, _run_dir, build, report_test
-    from lightning_modules.checkpoints import check_fits, load_checkpoint
+    from lightning_modules.checkpoints import check_fits, load_checkpoint, weight_shapes
 
     # Weights only: a checkpoint that would run code is refused here, before anything is built or written; and it
     # must hold this experiment's weights (a checkpoint of another one is named, not a page of missing keys).
-    shapes = {"state_dict": {k: v.to("meta") for k, v in load_checkpoint(ckpt).get("state_dict", {}).items()
-                             if hasattr(v, "to")}}
+    shapes = weight_shapes(load_checkpoint(ckpt))
     run_dir = _run_dir(cfg)
     created = [d for d in (run_dir.parent.parent, run_dir.parent, run_dir) if not d.exists()]
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -50,7 +50,7 @@ from experiments import cli
 from experiments.cli import CONFIG_FILE, ERROR_LOG, EXIT_INTERRUPTED, resolve_resume
 from experiments.loggers import finishing
 from experiments.report import markdown_report, split_subjects, verdicts
-from lightning_modules.checkpoints import AtomicCheckpointIO, check_fits, load_checkpoint
+from lightning_modules.checkpoints import AtomicCheckpointIO, check_fits, load_checkpoint, weight_shapes
 
 __all__ = ["CONFIG_FILE", "EXIT_INTERRUPTED", "RunResult", "build", "main", "report_test", "resolve_resume", "run",
            "write_metrics"]
@@ -220,10 +220,9 @@ def run(cfg: DictConfig, resume_dir: Path | None = None) -> RunResult:
         run_dir = resume_dir
         _check_latest_slot(run_dir)
         ckpt_path = str(run_dir / "checkpoints" / "last.ckpt")
-        checkpoint = load_checkpoint(ckpt_path)  # weights only: a last.ckpt that would run code is refused here
-        shapes = {"state_dict": {k: v.to("meta") for k, v in checkpoint.get("state_dict", {}).items()
-                                 if torch.is_tensor(v)}}
-        del checkpoint
+        # Weights only: a last.ckpt that would run code is refused here, and one of another model before anything
+        # is written.
+        shapes = weight_shapes(load_checkpoint(ckpt_path))
         verify = lambda model: check_fits(model, shapes, ckpt_path, cfg.name)  # noqa: E731
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.time()

@@ -31,7 +31,7 @@ from lightning_fabric.plugins import TorchCheckpointIO
 from torch import nn
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "CheckpointWriteError", "check_fits", "load_checkpoint",
-           "load_module"]
+           "load_module", "weight_shapes"]
 
 
 class CheckpointError(RuntimeError):
@@ -94,6 +94,15 @@ def _source_experiment(path: Path) -> str | None:
     except (OSError, yaml.YAMLError, AttributeError):
         return None
     return str(name) if name else None
+
+
+def weight_shapes(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` with only its state dict, as storage-free ("meta") tensors: enough for ``check_fits``
+    without holding a second copy of the weights."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        return {}
+    return {"state_dict": {k: v.to("meta") for k, v in state.items() if torch.is_tensor(v)}}
 
 
 def check_fits(model: nn.Module, checkpoint: Mapping[str, Any], path: str | os.PathLike, experiment: str) -> None:
@@ -194,8 +203,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         f.write(data)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        # Weights-only whatever the caller asks for: resume= and make eval take files users are given.
-        return load_checkpoint(path, map_location=map_location)
+        # Weights-only whatever the caller asks for: resume= and make eval take files users are given. On the CPU
+        # by default, as Lightning's own loader: a checkpoint written on a GPU then loads on a machine without one.
+        return load_checkpoint(path, map_location="cpu" if map_location is None else map_location)
 
 
 def _fsync_dir(folder: Path) -> None:
