@@ -73,6 +73,8 @@ def report(err: BaseException, run_dir: Path | None = None) -> int:
         return EXIT_INTERRUPTED
     user, fault = isinstance(err, user_error_types()), isinstance(err, fault_types())
     message = one_line(err) if user or fault else f"{type(err).__name__}: {one_line(err)}"
+    if not message.endswith((".", "?", "!")):
+        message += "."
     if not user:
         last = run_dir / "checkpoints" / "last.ckpt" if run_dir is not None else None
         if last is not None and last.is_file():

@@ -85,6 +85,15 @@ def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint(tmp_path, cele
     assert os.readlink(tmp_path / "runs" / GAN / "latest") == "diverges"
 
 
+def test_an_unexpected_error_is_one_line_with_its_type_and_the_debug_flag(tmp_path, celeba, capsys):
+    bug = ["+callbacks.bug._target_=tests.helpers.faults.BugAtTrainStart"]
+    assert main(args(tmp_path, celeba, "run_id=bug", *bug)) == 1
+    assert error_line(capsys) == "error: RuntimeError: something unforeseen. Run again with --debug for the traceback."
+    assert not (tmp_path / "runs" / NAME / "bug").exists()
+    with pytest.raises(RuntimeError, match="something unforeseen"):
+        main(args(tmp_path, celeba, "run_id=bug", *bug, "--debug"))
+
+
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_a_signal_mid_epoch_leaves_a_resumable_checkpoint_and_resume_latest_finishes(signum, tmp_path, celeba,
                                                                                      capsys):

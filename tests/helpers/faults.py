@@ -55,6 +55,13 @@ class SignalAt(pl.Callback):
         self.seen += 1
 
 
+class BugAtTrainStart(pl.Callback):
+    """An unexpected error (a bug, not a user mistake) when training starts."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        raise RuntimeError("something unforeseen")
+
+
 class MaliciousAtTrainEnd(pl.Callback):
     """When training ends, replace the run's checkpoint ``filename`` by a malicious one (``write_malicious_checkpoint``)."""
 
