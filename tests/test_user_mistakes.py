@@ -327,6 +327,20 @@ def test_a_user_mistake_ends_with_one_line_before_training_and_writes_nothing(ca
     assert not (env.tmp / "MARKER").exists(), "a checkpoint's code ran"
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_runs_folder(data, tmp_path, steps, capsys):
+    env = Env(tmp_path, data)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs").chmod(0o500)
+    try:
+        assert train_main(["classifier_smiling", *env.tiny("classifier_smiling")]) == 2
+        assert re.search(r"Cannot write the run folder .* \(Permission denied\); choose a writable paths\.runs_dir",
+                         the_error_line(capsys))
+        assert steps == [] and not any((tmp_path / "runs").iterdir())
+    finally:
+        (tmp_path / "runs").chmod(0o700)
+
+
 def test_the_probes_of_the_table_see_training_and_writes(ws, data, tmp_path, steps, capsys):
     """The same run without the mistake trains and writes, so the table's "nothing happened" checks can fail."""
     env = Env(tmp_path, data)
