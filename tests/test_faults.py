@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
+from callbacks.run_guards import FiniteGuard, TrainingDiverged
 from experiments.cli import train as main
 from tests.helpers.celeba_layout import write_tiny_celeba
 from tests.helpers.runs import tiny_overrides
@@ -156,3 +158,57 @@ def test_kill_9_during_a_checkpoint_write_then_resume_continues_from_the_previou
     assert main([NAME, "resume=latest", f"paths.runs_dir={tmp_path}/runs", "callbacks.hang=null"]) == 0
     assert state(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 2 and not partial.exists()
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 6
+
+
+class _ManualStep(pl.LightningModule):
+    """One weight; its loss is NaN from the second step. ``skips`` drops non-finite updates (as the HVAE's
+    guarded_step does); otherwise the NaN reaches the weight."""
+
+    def __init__(self, skips: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.skips = skips
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = (self.w * batch).sum() * (float("nan") if batch_idx >= 1 else 1.0)
+        self.log("train/loss", loss)
+        opt.zero_grad()
+        if torch.isfinite(loss) or not self.skips:
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(module: pl.LightningModule, tmp_path: Path) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         callbacks=[FiniteGuard()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(torch.ones(4, 1), batch_size=1))
+    return trainer
+
+
+def test_finite_guard_lets_a_model_skip_non_finite_updates(tmp_path):
+    module = _ManualStep(skips=True)
+    trainer = _fit(module, tmp_path)
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4  # every batch, 3 of them skipped
+    assert trainer.global_step == 1 and torch.isfinite(module.w).all()
+
+
+def test_finite_guard_stops_when_a_non_finite_update_reaches_the_weights(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 2 \(epoch 0\): weight w is no longer "
+                                               r"finite \(train/loss = nan\)"):
+        _fit(_ManualStep(skips=False), tmp_path)
+
+
+def test_finite_guard_refuses_to_write_non_finite_weights(tmp_path):
+    module = _ManualStep(skips=True)
+    trainer = _fit(module, tmp_path)
+    with torch.no_grad():
+        module.w.fill_(float("inf"))
+    with pytest.raises(TrainingDiverged, match="refusing to write a checkpoint at step 1: weight w is not finite"):
+        trainer.save_checkpoint(tmp_path / "x.ckpt")
+    assert not (tmp_path / "x.ckpt").exists()
