@@ -81,7 +81,7 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 def _check_latest_slot(run_dir: Path) -> None:
     latest = run_dir.parent / "latest"
-    if (latest.exists() or latest.is_symlink()) and not latest.is_symlink():
+    if latest.exists() and not latest.is_symlink():
         kind = "folder" if latest.is_dir() else "file"
         raise ConfigError(f"{latest} is a {kind}, not the link cfgen keeps there to the newest run; move it away "
                           f"(cfgen never deletes it).")
