@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         predictors_ckpt = _train("predictors_morphomnist", args.root, Path(tmp), args.epochs)
         vae_ckpt = _train("vae_morphomnist", args.root, Path(tmp), args.epochs)
         t_train = time.perf_counter() - start
-        predictors = AntiCausalPredictor.load_from_checkpoint(predictors_ckpt, map_location="cpu")
-        vae = VAE.load_from_checkpoint(vae_ckpt, map_location="cpu")
+        predictors = AntiCausalPredictor.load_from_checkpoint(predictors_ckpt, map_location="cpu", weights_only=True)
+        vae = VAE.load_from_checkpoint(vae_ckpt, map_location="cpu", weights_only=True)
 
     dm = MorphoMNISTDataModule(str(args.root), layout="t10k_only", t10k_split=(0, 0, 10000), batch_size=256)
     callback = CounterfactualMetrics(intervene=["thickness", "intensity"], distances=("l1", "embedding"),

@@ -75,9 +75,12 @@ def _load(path: str | os.PathLike, cls_path: str, experiment: str) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train it with `make train "
                                 f"EXP={experiment}` or point the callback at the right file.")
+    from lightning_modules.checkpoints import load_module  # weights only: never run code from a checkpoint
+
     module_name, cls_name = cls_path.rsplit(".", 1)
     cls = getattr(__import__(module_name, fromlist=[cls_name]), cls_name)
-    return cls.load_from_checkpoint(path, map_location="cpu")
+    return load_module(cls, path, "checkpoint", f"train it with `make train EXP={experiment}` or point the callback "
+                       "at the right file")
 
 
 class CounterfactualMetrics(StagedEvaluation):

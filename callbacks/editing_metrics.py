@@ -90,8 +90,10 @@ def load_oracle(path: str | os.PathLike) -> nn.Module:
     """
     # Imported here so that this module (and its tests, which use a fake oracle) do not depend on it.
     from lightning_modules.attribute_classifier import AttributeClassifier
+    from lightning_modules.checkpoints import load_module
 
-    return AttributeClassifier.load_from_checkpoint(path, map_location="cpu")
+    return load_module(AttributeClassifier, path, "oracle checkpoint", "train the attribute classifier "
+                       "(`make train EXP=<classifier experiment>`) or point the oracle at its checkpoint")
 
 
 def load_frozen(path: str | os.PathLike) -> nn.Module:

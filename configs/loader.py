@@ -10,16 +10,25 @@ hatches keep this from being a cage:
 * ``group=option`` on the command line switches a group (``logger=csv``);
 * ``+key=value`` adds a key that the schema does not have, and a mapping whose ``_target_`` differs from the
   one it replaces is taken whole (its keys are then checked against the new target's signature when built).
+
+``check_config`` then checks every ``_target_`` mapping against its target's signature, names and types, before
+anything is built: ``model.lr=abc`` fails naming the key and the type that ``lr`` is declared with. This module
+imports neither torch nor Lightning at module level, so that composing (and a misspelt key) takes a fraction of a
+second; ``check_config`` imports the targets it checks.
 """
 
 from __future__ import annotations
 
+import collections.abc as abc
 import difflib
 import functools
 import importlib
 import inspect
+import os
+import types
+import typing
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -84,7 +93,7 @@ def _load_yaml(path: Path) -> DictConfig:
 def _load_option(group: str, option: str, seen: tuple[str, ...] = ()) -> DictConfig:
     """``configs/<group>/<option>.yaml``; an option may start from another of its group with ``_base_: name``."""
     path = CONFIG_DIR / group / f"{option}.yaml"
-    if not path.is_file():
+    if option not in available(group):  # exact stems only: 'model=../data/celeba' is not an option
         raise ConfigError(
             f"No '{option}' in config group '{group}'.{_did_you_mean(option, available(group))} "
             f"Available: {', '.join(available(group))}."
@@ -188,7 +197,7 @@ def _parse_overrides(overrides: Sequence[str]) -> tuple[dict[str, str], list[str
 def _load_experiment(name: str, seen: tuple[str, ...] = ()) -> tuple[Path, DictConfig, DictConfig]:
     """(path, group choices, body) of an experiment; ``extends: other`` starts from another experiment."""
     path = EXPERIMENT_DIR / f"{name}.yaml"
-    if not path.is_file():
+    if name not in available("experiment"):  # exact stems only: '../configs/base' is not an experiment
         raise ConfigError(
             f"No experiment named '{name}'.{_did_you_mean(name, available('experiment'))} "
             f"Experiments: {', '.join(available('experiment'))}."
@@ -234,8 +243,29 @@ def apply_overrides(cfg: DictConfig, checked: Sequence[str], added: Sequence[str
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:
-        raise ConfigError(f"Could not resolve the config: {err}") from None
+        # OmegaConf's messages run over several lines (full_key, object_type): keep the first, name the key.
+        where = f" '{err.full_key}'" if getattr(err, "full_key", None) else ""
+        raise ConfigError(f"Could not resolve the config{where}: {str(err).splitlines()[0]}") from None
+    if "run_id" in cfg:
+        check_run_id(cfg.run_id)
     return cfg
+
+
+RESERVED_RUN_IDS = ("latest", ".", "..")
+
+
+def check_run_id(run_id: Any) -> None:
+    """A run id names one folder inside ``<runs_dir>/<experiment>/``: a path (``../../x``, ``/abs``) would put the
+    run, and the ``latest`` link next to it, anywhere on disk."""
+    if run_id is None:
+        return
+    text = str(run_id)
+    if not text or text in RESERVED_RUN_IDS or text.startswith(".") or any(c in text for c in "/\\\0"):
+        raise ConfigError(
+            f"run_id={text!r} is not a plain folder name: a run is always written to "
+            f"<paths.runs_dir>/<experiment>/<run_id>/. Use a name without '/' or a leading '.' (not 'latest'), "
+            f"and set paths.runs_dir to keep runs elsewhere."
+        )
 
 
 def override_saved(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -296,4 +326,162 @@ def instantiate(node: Any, path: str = "", **kwargs: Any) -> Any:
     _check_signature(fn, args, path, target)
     if partial:
         return functools.partial(fn, **args)
-    return fn(**args)
+    try:
+        return fn(**args)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        # Constructors validate their arguments with ValueError (a negative batch size, an unknown attribute,
+        # an image size the networks cannot take); say which config entry it was.
+        raise ConfigError(f"'{path or target}' ({target}): {err}") from err
+
+
+# -- checking a config against the signatures it will be built with -------------------------------------
+def check_config(node: Any, path: str = "") -> None:
+    """Check every ``_target_`` mapping in ``node`` before anything is built: each key must be a parameter of
+    its target (``_check_signature``) and each plain value must fit the parameter's annotation (a str where a
+    float is declared fails here, naming the key and the type, instead of deep inside an optimizer).
+
+    Annotations that cannot be evaluated, and classes other than the builtin scalars and containers, are not
+    judged: the check may let a wrong value through, it never rejects one the target declares it accepts."""
+    if isinstance(node, DictConfig | ListConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, list):
+        for i, v in enumerate(node):
+            check_config(v, f"{path}[{i}]")
+        return
+    if not isinstance(node, dict):
+        return
+    if "_target_" not in node:
+        for k, v in node.items():
+            check_config(v, f"{path}.{k}" if path else str(k))
+        return
+    target = node["_target_"]
+    fn = _import(target, path)
+    args = {k: v for k, v in node.items() if not str(k).startswith("_")}
+    _check_signature(fn, args, path, target)
+    params, hints = _parameters(fn)
+    for key, value in args.items():
+        where = f"{path}.{key}" if path else key
+        if _has_target(value):
+            check_config(value, where)
+            continue
+        param = params.get(key)
+        if param is None or key not in hints:
+            continue
+        if value is None and param.default is None:  # `x: int = None`: None is what the target expects
+            continue
+        if not _conforms(value, hints[key]):
+            owner = getattr(fn, "__qualname__", target)
+            raise ConfigError(
+                f"Config value '{where}' = {value!r} is {_describe_value(value)}, but {owner} declares "
+                f"'{key}' as {_describe_type(hints[key])}. Give {where} a value of that type."
+            )
+
+
+def _has_target(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "_target_" in value or any(_has_target(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_target(v) for v in value)
+    return False
+
+
+def _parameters(fn: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """(parameters, evaluable annotations) of a callable or of a class's constructor."""
+    try:
+        params = dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}, {}
+    init = fn.__init__ if isinstance(fn, type) else fn
+    try:
+        return params, typing.get_type_hints(init)
+    except Exception:
+        # One unevaluable annotation (a name imported only for type checkers) must not hide the others.
+        namespace = getattr(inspect.unwrap(init), "__globals__", {})
+        hints = {}
+        for name, ann in getattr(init, "__annotations__", {}).items():
+            if isinstance(ann, str):
+                try:
+                    ann = eval(ann, namespace)  # the module's own annotation text, as get_type_hints does
+                except Exception:
+                    continue
+            hints[name] = ann
+        return params, hints
+
+
+_SEQUENCES = (list, tuple, set, frozenset, abc.Sequence, abc.MutableSequence, abc.Iterable, abc.Collection,
+              abc.Set, abc.MutableSet)
+_MAPPINGS = (dict, abc.Mapping, abc.MutableMapping)
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a plain config value (None, bool, int, float, str, list, dict) can be passed as ``hint``."""
+    if hint is Any or hint is inspect.Parameter.empty or isinstance(hint, typing.TypeVar | str):
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_conforms(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is typing.Annotated:
+        return _conforms(value, args[0])
+    if origin is not None:
+        if origin in _SEQUENCES:
+            if not isinstance(value, list | tuple):
+                return False
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args, strict=True))
+            return not args or all(_conforms(v, args[0]) for v in value)
+        if origin in _MAPPINGS:
+            return isinstance(value, dict) and (len(args) < 2 or all(_conforms(v, args[1]) for v in value.values()))
+        if origin is abc.Callable:
+            return callable(value)
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if isinstance(hint, type) and issubclass(hint, PurePath | os.PathLike):
+        return isinstance(value, str)
+    if hint in _SEQUENCES:
+        return isinstance(value, list | tuple)
+    if hint in _MAPPINGS:
+        return isinstance(value, dict)
+    if hint is abc.Callable:
+        return callable(value)
+    return True  # any other class: not ours to judge from a plain value
+
+
+def _describe_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a bool", int: "an int", float: "a float", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _describe_type(hint: Any) -> str:
+    if hint is None or hint is type(None):
+        return "null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(dict.fromkeys(_describe_type(a) for a in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return _describe_type(args[0])
+    if origin in _SEQUENCES:
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_describe_type(a) for a in args)})"
+        return f"a list of {_describe_type(args[0])}" if args else "a list"
+    if origin in _MAPPINGS:
+        return f"a mapping to {_describe_type(args[1])}" if len(args) == 2 else "a mapping"
+    if isinstance(hint, type) and issubclass(hint, PurePath | os.PathLike):
+        return "a path"
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")

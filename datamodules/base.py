@@ -20,8 +20,10 @@ their decoded images in an ``ArrayDataset``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -253,6 +255,7 @@ class CounterfactualDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.drop_last_train = bool(drop_last_train)
         self._datasets: dict[str, Dataset] = {}
+        self._checking = False  # check_split: build a split without caching it
 
     @property
     def attribute_names(self) -> list[str]:
@@ -297,6 +300,23 @@ class CounterfactualDataModule(pl.LightningDataModule):
             self._datasets[split] = self._build_split(split)
         return self._datasets[split]
 
+    def check_split(self, split: str) -> None:
+        """Read ``split`` once, decoding every image, and drop it: a missing, truncated or corrupt file then fails
+        now rather than when the split is first used (the test split: after training). Nothing is kept or
+        cached, and no random number generator moves (DataLoader workers draw their seeds from torch's), so a
+        run that checks first trains exactly as one that does not."""
+        if split in self._datasets:
+            return
+        with _rngs_untouched():
+            self._checking = True
+            try:
+                dataset = self._build_split(split)
+            finally:
+                self._checking = False
+            if hasattr(dataset, "load_uint8") and getattr(dataset, "cache", None) is None:
+                for _ in DataLoader(DecodedImages(dataset), batch_size=256, num_workers=self.num_workers):
+                    pass
+
     # -- loaders ---------------------------------------------------------------------------------------
 
     # -- in-memory cache of decoded images ---------------------------------------------------------------
@@ -308,7 +328,7 @@ class CounterfactualDataModule(pl.LightningDataModule):
         shared by all splits). Returns whether it cached."""
         nbytes = len(dataset) * int(np.prod(item_shape))
         used = getattr(self, "_cached_bytes", 0)
-        if not (self.cache == "always" or (self.cache == "auto" and used + nbytes <= self.cache_max_bytes)):
+        if self._checking or not (self.cache == "always" or (self.cache == "auto" and used + nbytes <= self.cache_max_bytes)):
             return False
         cache = torch.empty((len(dataset), *item_shape), dtype=torch.uint8)
         loader = DataLoader(DecodedImages(dataset), batch_size=256, num_workers=self.num_workers)
@@ -345,6 +365,18 @@ class CounterfactualDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.dataset("test"), shuffle=False)
+
+
+@contextlib.contextmanager
+def _rngs_untouched() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's (CPU) global generators on exit."""
+    py, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
 
 
 class EpochSampler(torch.utils.data.Sampler[int]):

@@ -1,5 +1,4 @@
-import sys
+# The front end imports torch and Lightning only after the config is composed and checked (experiments/cli.py).
+from experiments.cli import main
 
-from experiments.runner import main
-
-sys.exit(main())
+main()

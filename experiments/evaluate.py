@@ -18,12 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
-
 from configs.loader import ConfigError, compose
-from datamodules.base import DatasetError
-from experiments.loggers import finishing
-from experiments.runner import _run_dir, build, report_test
+from experiments import cli
 
 
 def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | None]:
@@ -32,12 +28,28 @@ def evaluate(name: str, ckpt: str, overrides: list[str]) -> dict[str, float | No
     cfg = compose(name, overrides)
     if cfg.run_id is None:
         cfg.run_id = "eval-" + time.strftime("%Y%m%d-%H%M%S")
+    # torch and Lightning only once the config is sound (experiments.cli)
+    import pytorch_lightning as pl
+
+    from experiments.loggers import finishing
+    from experiments.runner import _remove, _run_dir, build, report_test
+    from lightning_modules.checkpoints import check_fits, load_checkpoint, weight_shapes
+
+    # Weights only: a checkpoint that would run code is refused here, before anything is built or written; and it
+    # must hold this experiment's weights (a checkpoint of another one is named, not a page of missing keys).
+    shapes = weight_shapes(load_checkpoint(ckpt))
     run_dir = _run_dir(cfg)
+    created = [d for d in (run_dir.parent.parent, run_dir.parent, run_dir) if not d.exists()]
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, model, trainer = build(cfg, run_dir)
-    with finishing(trainer.loggers):
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
-        return report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})
+    try:
+        datamodule, model, trainer = build(cfg, run_dir, verify=lambda model: check_fits(model, shapes, ckpt, name),
+                                           check_test_split=False)  # the test split is all it reads
+        with finishing(trainer.loggers):
+            trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+            return report_test(trainer, datamodule, cfg, run_dir, {"checkpoint": str(Path(ckpt).resolve())})
+    except BaseException:
+        _remove(created)  # a failed evaluation leaves no half-written folder
+        raise
 
 
 def evaluate_seeds(name: str, ckpt: str, overrides: list[str], seeds: int) -> dict[str, dict[str, float | None]]:
@@ -81,10 +93,10 @@ def _fmt(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = cli.split_debug(list(sys.argv[1:] if argv is None else argv))
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m experiments.evaluate NAME CKPT [--seeds N] [key=value ...]")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        print(f"usage: python -m experiments.evaluate NAME CKPT [--seeds N] [key=value ...] [{cli.DEBUG_FLAG}]")
+        return cli.EXIT_OK if argv and argv[0] in ("-h", "--help") else cli.EXIT_USAGE
     seeds = 1
     rest = argv[2:]
     if "--seeds" in rest:
@@ -93,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
             seeds = int(rest[i + 1])
         except (IndexError, ValueError):
             print("error: --seeds needs a whole number, e.g. --seeds 3", file=sys.stderr)
-            return 2
+            return cli.EXIT_USAGE
         rest = rest[:i] + rest[i + 2:]
     try:
         evaluate_seeds(argv[0], argv[1], rest, seeds)
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    except (Exception, KeyboardInterrupt) as err:
+        if debug:
+            raise
+        return cli.report(err)
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":

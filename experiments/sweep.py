@@ -29,8 +29,8 @@ from typing import Any
 import yaml
 
 from configs.loader import ConfigError, compose
-from experiments.loggers import wandb_mode
-from experiments.runner import EXIT_INTERRUPTED
+from experiments import cli
+from experiments.cli import EXIT_INTERRUPTED
 
 RunFn = Callable[[list[str]], int]
 
@@ -39,17 +39,47 @@ class SweepInterrupted(Exception):
     """A run stopped on Ctrl-C: the sweep stops too, leaving that run resumable and out of the ledger."""
 
 
+PARAMETER_FORMS = "'values: [a, b, ...]', 'value: a' or 'min: lo, max: hi' (with an optional 'distribution')"
+
+
 def load_spec(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Sweep spec {path} does not exist. Specs live in configs/sweep/.")
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where} is not valid YAML ({getattr(err, 'problem', None) or err}); a sweep "
+                          f"spec is W&B's YAML format, see configs/sweep/ifcvae_grid.yaml.") from None
     if not isinstance(spec, dict) or "parameters" not in spec:
         raise ConfigError(f"{path}: a sweep spec needs 'method', 'parameters' and 'command' (W&B's format).")
     if spec.get("method", "grid") not in ("grid", "random"):
         raise ConfigError(f"{path}: method must be grid or random offline (bayes needs the W&B server).")
+    params = spec["parameters"]
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{path}: 'parameters' must map config paths to {PARAMETER_FORMS}.")
+    for name, p in params.items():
+        _check_parameter(path, str(name), p)
+    if spec.get("method", "grid") == "random" and not (isinstance(spec.get("run_cap"), int) and spec["run_cap"] > 0):
+        raise ConfigError(f"{path}: a random sweep needs 'run_cap', a positive whole number of runs.")
+    if not isinstance(spec.get("command"), list):
+        raise ConfigError(f"{path}: 'command' must be a list calling `-m experiments <experiment> "
+                          f"${{args_no_hyphens}}`.")
     experiment_of(spec, path)
     return spec
+
+
+def _check_parameter(path: Path, name: str, p: Any) -> None:
+    ok = isinstance(p, dict) and (
+        "value" in p
+        or ("values" in p and isinstance(p["values"], list) and len(p["values"]) > 0)
+        or ("min" in p and "max" in p and all(isinstance(p[k], int | float) and not isinstance(p[k], bool)
+                                              for k in ("min", "max")))
+    )
+    if not ok:
+        raise ConfigError(f"{path}: parameter '{name}' = {p!r} is not a parameter spec; give {PARAMETER_FORMS}.")
 
 
 def experiment_of(spec: dict[str, Any], path: Path | str = "spec") -> str:
@@ -120,8 +150,14 @@ def run_offline(spec_path: str | Path, extra: Sequence[str] = (), run_fn: RunFn 
     name = Path(spec_path).stem
     experiment = experiment_of(spec, spec_path)
     assignments = expand(spec, seed=int(spec.get("seed", 0)))
-    # Compose the first run before starting any: a misspelt parameter path fails here, naming the key.
-    cfg = compose(experiment, [*extra, *(f"{k}={json.dumps(v)}" for k, v in assignments[0].items())])
+    # Compose every run before starting any: a misspelt parameter path or a value of the wrong type fails here,
+    # naming the key.
+    from experiments.runner import check
+
+    configs = [compose(experiment, [*extra, *(f"{k}={json.dumps(v)}" for k, v in a.items())]) for a in assignments]
+    for config in configs:
+        check(config)
+    cfg = configs[0]
     sweep_dir = Path(cfg.paths.runs_dir) / "sweeps" / name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ledger_path = sweep_dir / "ledger.jsonl"
@@ -168,21 +204,24 @@ def run_online(spec_path: str | Path, extra: Sequence[str] = ()) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = cli.split_debug(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
     spec_path, extra = argv[0], argv[1:]
     try:
+        from experiments.loggers import wandb_mode
+
         if wandb_mode("auto") == "online":
             return run_online(spec_path, extra)
         print("W&B sweep server not available (no credentials or WANDB_MODE=offline): running the sweep locally.")
         entries = run_offline(spec_path, extra)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except (SweepInterrupted, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug:
+            raise
+        return cli.report(err)
     failed = [e for e in entries if e["status"] != "done"]
     print(f"[sweep] {len(entries) - len(failed)}/{len(entries)} runs done" + (f", {len(failed)} failed" if failed else ""))
     return 1 if failed else 0

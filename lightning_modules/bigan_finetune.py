@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_modules.bigan import BiGANMechanism, ConditionalBiGAN
+from lightning_modules.checkpoints import load_module
 
 
 def cyclic_cost(
@@ -140,5 +141,6 @@ def _load_pretrained(path: str, experiment: str) -> tuple[nn.Module, nn.Module, 
     if not Path(path).is_file():
         raise FileNotFoundError(f"the pretrained conditional GAN {path} does not exist; train it first: "
                                 f"make train EXP={experiment}")
-    gan = ConditionalBiGAN.load_from_checkpoint(path, map_location="cpu")
+    gan = load_module(ConditionalBiGAN, path, "pretrained conditional GAN",
+                      f"train it with `make train EXP={experiment}`")
     return gan.encoder, gan.generator, gan.discriminator

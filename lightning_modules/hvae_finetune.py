@@ -61,6 +61,7 @@ from torch import nn
 from callbacks.metrics.interventions import single_parent
 from datamodules.base import Attribute, equal_width_bins
 from lightning_modules.base import evaluating
+from lightning_modules.checkpoints import load_module
 from lightning_modules.hvae import ConditionalHVAE, ELBOTerms, HVAENoise
 from lightning_modules.likelihoods import to_signed
 from lightning_modules.networks.blocks import _plain, network_config
@@ -161,8 +162,9 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
             raise ValueError(f"elbo_batches must be >= 1, got {elbo_batches}")
         start = None
         if pretrained is not None:
-            start = ConditionalHVAE.load_from_checkpoint(
-                _require(pretrained, "pretrained HVAE", "hvae_morphomnist"), map_location="cpu")
+            start = load_module(ConditionalHVAE, _require(pretrained, "pretrained HVAE", "hvae_morphomnist"),
+                                "pretrained HVAE", f"train it with `make train EXP="
+                                f"{_experiment_of(pretrained, 'hvae_morphomnist')}`")
             network, parents = start.hparams.network, start.hparams.parents
             beta = start.hparams.beta if beta is None else beta
             if scm is None and scm_checkpoint is None and start.scm is not None:
@@ -172,8 +174,10 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
                              "`network` and `parents`")
         judge = None
         if predictors is not None:
-            judge = AntiCausalPredictor.load_from_checkpoint(
-                _require(predictors, "anti-causal predictors", "predictors_morphomnist"), map_location="cpu")
+            judge = load_module(AntiCausalPredictor,
+                                _require(predictors, "anti-causal predictors", "predictors_morphomnist"),
+                                "anti-causal predictors", f"train them with `make train EXP="
+                                f"{_experiment_of(predictors, 'predictors_morphomnist')}`")
             predictor_config = _plain(dict(judge.hparams))
         if predictor_config is None:
             raise ValueError("CounterfactualFinetunedHVAE needs `predictors` (an AntiCausalPredictor checkpoint)")

@@ -71,6 +71,7 @@ from torch import nn
 
 from datamodules.base import Attribute, check_name, condition_vector, parents_from_spec
 from lightning_modules.base import SameStepEveryStage
+from lightning_modules.checkpoints import load_checkpoint
 from lightning_modules.networks.blocks import _plain, build_network, network_config, remember_config
 
 # Clamp margin for continuous values at the edge of a bounded flow's support (relative to the bound).
@@ -417,7 +418,7 @@ def resolve_scm(scm: nn.Module | Mapping[str, Any] | None = None,
         raise FileNotFoundError(
             f"SCM checkpoint {path} not found. Train the attribute mechanisms first: "
             f"make train EXP={_experiment_of(path)}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path, "SCM checkpoint")
     config = scm if scm is not None else (ckpt.get("hyper_parameters") or {}).get("scm")
     if config is None:
         raise ValueError(f"{path} holds no SCM: its hyperparameters have no 'scm' entry (expected the checkpoint "

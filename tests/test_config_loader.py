@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 from omegaconf import OmegaConf
 
-from configs.loader import ConfigError, available, compose, instantiate, override_saved
+from configs.loader import ConfigError, available, check_config, compose, instantiate, override_saved
 
 
 @pytest.mark.parametrize("name", available("experiment"))
@@ -124,3 +128,76 @@ def test_parents_width_resolver_counts_one_hot_columns():
                             "names": ["Smiling", "Eyeglasses"],
                             "a": "${parents_width:${p}}", "b": "${parents_width:${names}}"})
     assert cfg.a == 11 and cfg.b == 2
+
+
+# -- value types against the annotations of the target -----------------------------------------------------
+def typed_target(rate: float, steps: int, name: str = "x", flag: bool = False, size: int | None = None,
+                 names: Sequence[str] = (), pair: tuple[int, int] = (1, 2), mode: Literal["a", "b"] = "a",
+                 root: Path | None = None, loose: int = None, anything: Any = None,  # loose: `int = None`, as some declare
+                 table: Mapping[str, float] | None = None) -> dict:
+    return locals()
+
+
+TYPED = "tests.test_config_loader.typed_target"
+
+
+@pytest.mark.parametrize("good", [
+    {"rate": 1, "steps": 3},  # an int is a float
+    {"rate": 0.5, "steps": 3, "size": None, "names": ["a", "b"], "pair": [3, 4], "mode": "b", "root": "/x",
+     "loose": None, "anything": [1, "a"], "table": {"a": 1.0}},
+])
+def test_check_config_accepts_what_the_annotations_allow(good):
+    check_config({"_target_": TYPED, **good}, "model")
+    assert instantiate({"_target_": TYPED, **good})["rate"] == good["rate"]
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("rate", "abc", "'model.rate' = 'abc' is a string, but typed_target declares 'rate' as float"),
+    ("steps", 1.5, "'model.steps' = 1.5 is a float, but typed_target declares 'steps' as int"),
+    ("steps", True, "'model.steps' = True is a bool, but typed_target declares 'steps' as int"),
+    ("flag", 1, "'model.flag' = 1 is an int, but typed_target declares 'flag' as bool"),
+    ("size", "big", "declares 'size' as int or null"),
+    ("names", "ab", "'model.names' = 'ab' is a string, but typed_target declares 'names' as a list of str"),
+    ("names", ["a", 2], "declares 'names' as a list of str"),
+    ("pair", [1, 2, 3], "declares 'pair' as a list of 2 (int, int)"),
+    ("mode", "c", "declares 'mode' as one of 'a', 'b'"),
+    ("table", {"a": "x"}, "declares 'table' as a mapping to float or null"),
+    ("rate", None, "'model.rate' = None is null, but typed_target declares 'rate' as float"),
+])
+def test_check_config_names_the_key_and_the_declared_type(key, value, said):
+    node = {"_target_": TYPED, "rate": 0.1, "steps": 1, key: value}
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        check_config(node, "model")
+
+
+def test_check_config_checks_nested_targets_and_names_before_building():
+    node = {"_target_": TYPED, "rate": 0.1, "steps": 1, "anything": {"_target_": TYPED, "rate": "fast", "steps": 1}}
+    with pytest.raises(ConfigError, match=r"'model\.anything\.rate' = 'fast'"):
+        check_config(node, "model")
+    with pytest.raises(ConfigError, match=r"'model\.stepz' is not a parameter of .*typed_target\. Did you mean 'steps'"):
+        check_config({"_target_": TYPED, "rate": 0.1, "stepz": 1}, "model")
+
+
+def refusing_target(size: int) -> int:
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    return size
+
+
+def test_constructor_value_errors_name_the_config_entry():
+    target = "tests.test_config_loader.refusing_target"
+    with pytest.raises(ConfigError, match=rf"^'model\.head' \({re.escape(target)}\): size must be >= 1, got -3$"):
+        instantiate({"_target_": target, "size": -3}, "model.head")
+
+
+@pytest.mark.parametrize("run_id", ["../../x", "/abs/path", "a/b", "latest", ".hidden", "..", "a\\b"])
+def test_run_id_must_be_a_plain_folder_name(run_id):
+    with pytest.raises(ConfigError, match="is not a plain folder name"):
+        compose("ifcvae_smiling_synth", [f"run_id={run_id}"])
+
+
+def test_experiment_and_option_names_are_file_stems_only():
+    with pytest.raises(ConfigError, match=r"No experiment named '\.\./configs/base'"):
+        compose("../configs/base")
+    with pytest.raises(ConfigError, match=r"No '\.\./data/celeba' in config group 'model'"):
+        compose("ifcvae_smiling_synth", ["model=../data/celeba"])

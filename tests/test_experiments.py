@@ -105,7 +105,7 @@ def test_make_eval_evaluates_a_checkpoint_into_its_own_run(workspace, oracle_run
 
 
 def _state(ckpt: Path) -> dict:
-    return torch.load(ckpt, map_location="cpu", weights_only=False)
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
 
 
 def test_resume_continues_identically(workspace, oracle_run):
@@ -135,9 +135,13 @@ def test_ctrl_c_mid_epoch_exits_130_and_resumes_from_last_checkpoint(workspace, 
     assert main([name, *args, *stop]) == 130
     run_dir = workspace / "runs" / name / "ctrl-c"
     assert f"resume={run_dir}" in capsys.readouterr().err
-    assert _state(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0  # the end of epoch 1 is on disk
+    interrupted = _state(run_dir / "checkpoints" / "last.ckpt")  # the state at Ctrl-C, two batches into epoch 2
+    assert interrupted["epoch"] == 1
+    assert interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"] == 2
     assert main([name, f"resume={run_dir}"]) == 0
-    assert _state(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 1
+    finished = _state(run_dir / "checkpoints" / "last.ckpt")
+    assert finished["epoch"] == 1
+    assert finished["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"] == 12  # 2 epochs x 6
 
 
 def test_resumed_run_appends_to_its_csv_log(workspace, oracle_run):
