@@ -24,9 +24,9 @@ import sys
 import time
 
 from configs.loader import ConfigError, compose
-from datamodules.base import DatasetError
+from experiments.cli import EXIT_INTERRUPTED, report, split_debug
 from experiments.report import summary_lines, verdicts
-from experiments.runner import EXIT_INTERRUPTED, run
+from experiments.runner import run
 
 # 32x32 faces: at the same wall time IFcVAE-GAN trains about four times the steps it could at 64x64, which is what
 # a CPU quick start can afford (docs/results.md has the 64x64 runs).
@@ -38,7 +38,7 @@ MODEL_BUDGET = [*RESOLUTION, "model._width=32", "trainer.max_epochs=3"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    extra = list(sys.argv[1:] if argv is None else argv)
+    extra, debug = split_debug(list(sys.argv[1:] if argv is None else argv))
     started = time.time()
     try:
         judge = run(compose(JUDGE, [*JUDGE_BUDGET, *extra]))
@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         ]))
         if model.interrupted:
             return EXIT_INTERRUPTED
-    except (ConfigError, DatasetError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # one line for every failure (experiments.cli); --debug shows the traceback
+        if debug:
+            raise
+        return report(err)
     minutes = (time.time() - started) / 60
     judged = verdicts(model.metrics)
     failed = sorted({v.what for v in judged if not v.passes})
