@@ -16,7 +16,7 @@ SWEEP ?= configs/sweep/ifcvae_grid.yaml
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: help install train eval sweep test test-all lint bench quickstart reproduce-morphomnist reproduce-cdvae data-faces data-morphomnist data-chest clean
+.PHONY: help install train eval sweep test test-all lint constraints bench quickstart reproduce-morphomnist reproduce-cdvae data-faces data-morphomnist data-chest clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -45,8 +45,14 @@ test: $(STAMP) ## Run the default test suite (no slow or GPU tests)
 test-all: $(STAMP) ## Run every test that this machine can run, slow ones included
 	$(BIN)/python -m pytest -m "not gpu" -q
 
-lint: $(STAMP) ## Lint with ruff
+lint: $(STAMP) ## Lint with ruff, and check the one-way layers of the code with import-linter (pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+constraints: $(STAMP) ## Regenerate constraints.txt: exact pins of pyproject.toml's dependency closure (pip-compile)
+	$(BIN)/python -m pip install -q pip-tools
+	$(BIN)/pip-compile --quiet --extra dev --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+		-o constraints.txt pyproject.toml
 
 bench: $(STAMP) ## Benchmarks (data generation, loading, training-step speed); results in docs/benchmarks.md
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -3,7 +3,7 @@
 For every evaluation batch, through the :class:`CounterfactualModule` contract only:
 
 * composition^m: the null intervention applied m times (``callbacks.metrics.composition``);
-* for each intervened parent (single-parent interventions drawn by ``callbacks.metrics.interventions`` from a
+* for each intervened parent (single-parent interventions drawn by ``datamodules.interventions`` from a
   seeded generator): the counterfactual x*, then
   - reversibility: back from do(pa*) to pa;
   - effectiveness: the anti-causal predictors on x* against the counterfactual parents (``predictors``), and/or
@@ -14,7 +14,7 @@ For every evaluation batch, through the :class:`CounterfactualModule` contract o
   row) and real images (``fid_real="train"``: the training split as published, or ``"eval"``: the evaluated
   images).
 
-Interventions are drawn per dataset row (``callbacks.metrics.interventions.per_sample_uniforms``), so an image
+Interventions are drawn per dataset row (``datamodules.interventions.per_sample_uniforms``), so an image
 gets the same intervention whatever its batch and however many processes evaluate: with a deterministic model
 the synchronised metrics equal the single-process ones.
 
@@ -59,10 +59,10 @@ from callbacks.metrics.composition import Composition, Reversibility
 from callbacks.metrics.distances import EmbeddingL1, LPIPSDistance, PixelL1
 from callbacks.metrics.editing import TrueCounterfactualSplitError
 from callbacks.metrics.effectiveness import Effectiveness, MorphometricEffectiveness
-from callbacks.metrics.interventions import per_sample_uniforms, single_parent
 from callbacks.metrics.minimality import CounterfactualLatentDivergence
 from callbacks.metrics.realism import FID, InceptionFeatures
 from callbacks.references import references_of
+from datamodules.interventions import per_sample_uniforms, single_parent
 
 __all__ = ["CounterfactualMetrics"]
 

@@ -73,7 +73,8 @@ from callbacks.metrics.editing import (
 )
 from callbacks.metrics.leakage import LinearProbeLeakage
 from callbacks.references import references_of
-from lightning_modules.base import CounterfactualModule, evaluating
+from lightning_modules.base import CounterfactualModule
+from lightning_modules.networks.frozen import evaluating
 
 __all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_frozen", "load_oracle"]
 

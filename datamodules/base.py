@@ -39,6 +39,11 @@ SPLIT_NAMES = ("train", "val", "test")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
+#: bins of a continuous attribute without its own, wherever a metric needs its values discrete (CLD's sets,
+#: "the same parents" of the reference counterfactuals): the benchmark's 10 equal-width bins (footnote 11)
+DEFAULT_CONTINUOUS_BINS = 10
+
+
 class DatasetError(RuntimeError):
     """A dataset file is missing or malformed; the message names the file and the fix."""
 
@@ -109,6 +114,22 @@ class Attribute:
             raise ValueError(f"attribute {self.name!r} has no bins")
         edges = torch.tensor(self.bins[1:-1], dtype=torch.float32)
         return torch.bucketize(torch.as_tensor(raw, dtype=torch.float32), edges, right=True)
+
+    def codes(self, values: Any) -> torch.Tensor:
+        """Discrete codes [B] (long, on the values' device) of values in batch units: the label or class of a
+        binary or categorical attribute, the bin of the raw value of a continuous one (``bins``, else
+        ``DEFAULT_CONTINUOUS_BINS`` equal-width bins over [low, high]). What "the same parent value" means for
+        metrics and references that compare parents."""
+        values = torch.as_tensor(values).reshape(-1)
+        if self.kind != "continuous":
+            return values.round().long()
+        raw = self.denormalise(values.detach().cpu())
+        if self.bins is not None:
+            codes = self.bin_index(raw)
+        else:
+            edges = torch.tensor(equal_width_bins(self.low, self.high, DEFAULT_CONTINUOUS_BINS)[1:-1])
+            codes = torch.bucketize(raw, edges.to(raw.dtype), right=True)
+        return codes.to(values.device)
 
 
 def parent_attribute(name: str, spec: Mapping[str, Any]) -> Attribute:

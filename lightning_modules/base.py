@@ -15,14 +15,13 @@ Deep structural causal models (counterfactual_benchmark §3) put an image mechan
 ``counterfactual_parents(pa, do)`` abducts the attributes' noise, applies ``do`` and re-runs the attribute
 mechanisms of the intervened variables' descendants (do(thickness) changes intensity), and ``counterfactual``
 predicts the image from those parents. A method gets its attribute mechanisms with :meth:`attach_scm`
-(``lightning_modules.scm.AttributeSCM``, trained by its own experiment and frozen here); without one,
+(``lightning_modules.networks.scm.AttributeSCM``, trained by its own experiment and frozen here); without one,
 ``counterfactual_parents`` is ``pa`` with ``do`` applied.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -30,26 +29,7 @@ import torch
 from torch import nn
 
 from lightning_modules.networks.blocks import network_config
-
-
-@contextlib.contextmanager
-def evaluating(*modules: nn.Module) -> Iterator[None]:
-    """Inside: every submodule of ``modules`` in eval mode and autograd off; on exit each submodule's
-    ``training`` flag is restored exactly (a partly frozen model comes back partly frozen).
-
-    Every evaluation network (predictors, VAE, feature extractors, distances) runs under it: left in training
-    mode (the reference code's behaviour) they would normalise with batch statistics, update BatchNorm running
-    statistics and keep dropout on, so scores would depend on the batch.
-    """
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    try:
-        for module in modules:
-            module.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+from lightning_modules.networks.scm import resolve_scm
 
 
 def binary_label_matrix(pa: Mapping[str, torch.Tensor], names: Sequence[str], owner: str) -> torch.Tensor:
@@ -64,6 +44,17 @@ def binary_label_matrix(pa: Mapping[str, torch.Tensor], names: Sequence[str], ow
 
 class CounterfactualModule(pl.LightningModule):
     can_abduct: bool = True
+    #: submodules that stay in eval mode (frozen BatchNorm, no dropout) whatever ``train()`` asks: the pretrained
+    #: parts of a fine-tuning, its frozen judges. Lightning calls ``train()`` at every epoch.
+    frozen_parts: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_parts:
+            part = getattr(self, name, None)
+            if part is not None:
+                part.eval()
+        return self
 
     def attach_scm(self, scm: nn.Module | Mapping[str, Any] | None, scm_checkpoint: str | None = None) -> None:
         """Give this model attribute mechanisms: ``scm`` an ``AttributeSCM`` or its ``_target_`` config,
@@ -77,8 +68,6 @@ class CounterfactualModule(pl.LightningModule):
         """
         self.scm = None
         if scm is not None or scm_checkpoint is not None:
-            from lightning_modules.scm import resolve_scm
-
             self.scm = resolve_scm(scm, scm_checkpoint)
             self.scm.requires_grad_(False)
         self.save_hyperparameters({"scm": network_config(self.scm) if self.scm is not None else None,

@@ -70,6 +70,8 @@ class CyclicFineTunedBiGAN(BiGANMechanism):
     :param scm_checkpoint: a trained SCM's checkpoint.
     """
 
+    frozen_parts = ("generator", "discriminator")  # G and D are frozen: eval mode (frozen BatchNorm, no dropout)
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -100,13 +102,6 @@ class CyclicFineTunedBiGAN(BiGANMechanism):
         self.save_hyperparameters(ignore=["encoder", "generator", "discriminator", "scm", "scm_checkpoint"])
         self.save_hyperparameters({"pretrained": None, **self._network_configs()})
         self.attach_scm(scm, scm_checkpoint)
-
-    def train(self, mode: bool = True) -> CyclicFineTunedBiGAN:
-        """Lightning calls ``train()`` every epoch; G and D stay in eval mode (frozen BatchNorm, no dropout)."""
-        super().train(mode)
-        self.generator.eval()
-        self.discriminator.eval()
-        return self
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam on E alone."""

@@ -38,7 +38,7 @@ Deliberate choices where the paper is silent or literally wrong:
   fakes early in training; ``"minimax"`` is Algorithm 1 line 12 literally. D always maximises eq. 3.7.
 * Table 1's strides, paddings and the decoder's output range are not given (``networks.cdvae_gan``).
 * Decoding prior samples, and the second forward passes that take G's and D's losses at the same
-  parameters, do not update BatchNorm running statistics (``_no_stat_update``): evaluation decodes posterior
+  parameters, do not update BatchNorm running statistics (``without_stat_update``): evaluation decodes posterior
   codes of real images, so the statistics should describe those.
 
 Attributes that never vary in the training data (the synthetic faces render 10 of CelebA's 40 attributes;
@@ -57,11 +57,11 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
-from torch.func import functional_call
 
 from lightning_modules.base import CounterfactualModule, binary_label_matrix, only_trainable
 from lightning_modules.losses import GAN_LOSS_MODES
 from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.frozen import without_stat_update
 
 
 # -- losses (pure functions) ---------------------------------------------------------------------------------
@@ -255,11 +255,11 @@ class CDVAEGAN(CounterfactualModule):
         # step, and G has not moved, so x' is recomputed at the same point (only G receives gradient).
         z = out.z.detach()
         with only_trainable(self, [self.decoder]):
-            x_rec_logits = _no_stat_update(self.decoder, z)
-            x_prior_logits = _no_stat_update(self.decoder, self._prior_code(x.shape[0], x))
+            x_rec_logits = without_stat_update(self.decoder, z)
+            x_prior_logits = without_stat_update(self.decoder, self._prior_code(x.shape[0], x))
             x_rec, x_prior = torch.sigmoid(x_rec_logits), torch.sigmoid(x_prior_logits)
-            terms["gen"] = generator_gan_loss(_no_stat_update(self.discriminator, x_prior),
-                                              _no_stat_update(self.discriminator, x_rec), hp.gan_loss)
+            terms["gen"] = generator_gan_loss(without_stat_update(self.discriminator, x_prior),
+                                              without_stat_update(self.discriminator, x_rec), hp.gan_loss)
             rec_g = self._rec_loss(x_rec_logits, x)
             self._step(opt_g, hp.gamma * rec_g + terms["gen"])
 
@@ -364,10 +364,3 @@ class CDVAEGAN(CounterfactualModule):
     def _labels(self, pa: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """y [B, k] from ``pa`` in z_B's order."""
         return binary_label_matrix(pa, self.attributes, type(self).__name__)
-
-
-def _no_stat_update(module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    """``module(*args)`` with its parameters but COPIES of its buffers, so BatchNorm running statistics (and
-    counters) are not updated by this call; in training mode it still normalises with the batch statistics."""
-    state = {**dict(module.named_parameters()), **{n: b.clone() for n, b in module.named_buffers()}}
-    return functional_call(module, state, args)

@@ -32,7 +32,7 @@ optimizers, and both are skipped together. The predictors and the SCM never move
 eval mode (BatchNorm uses running statistics), and belong to no optimizer.
 
 **Interventions** (one per batch): a parent chosen uniformly, its new values drawn as the metrics draw them
-(``callbacks.metrics.interventions.single_parent``: binary flipped, categorical another class, continuous a
+(``datamodules.interventions.single_parent``: binary flipped, categorical another class, continuous a
 training-set value from another bin) or, with ``intervention="permute"``, permuted within the batch as the
 reference does; pa* is then PROPAGATED to the intervened parent's descendants by ``counterfactual_parents``
 (the attached SCM, if any, otherwise inherited from the pretrained model).
@@ -58,13 +58,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from callbacks.metrics.interventions import single_parent
 from datamodules.base import Attribute, equal_width_bins
-from lightning_modules.base import evaluating
+from datamodules.interventions import single_parent
 from lightning_modules.checkpoints import load_module
 from lightning_modules.hvae import ConditionalHVAE, ELBOTerms, HVAENoise
 from lightning_modules.likelihoods import to_signed
 from lightning_modules.networks.blocks import _plain, network_config
+from lightning_modules.networks.frozen import evaluating
 from lightning_modules.predictors import AntiCausalPredictor, head_loss
 
 INTERVENTIONS = ("single_parent", "permute")
@@ -124,6 +124,8 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
     :param train_latent_temperature, train_residual_temperature: t_z and t_r of the counterfactuals in L_cf.
     Other parameters: as ``ConditionalHVAE``.
     """
+
+    frozen_parts = ("predictors", "scm")  # the frozen judges stay in eval mode
 
     def __init__(
         self,
@@ -205,14 +207,6 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
         self.save_hyperparameters({"pretrained": None, "predictors": None, "predictor_config": predictor_config})
         self._intervention_attributes: dict[str, Attribute] = {}
         self._pools: dict[str, torch.Tensor] = {}
-
-    def train(self, mode: bool = True):
-        """The frozen judges stay in eval mode whatever Lightning asks of the model."""
-        super().train(mode)
-        for frozen in (getattr(self, "predictors", None), self.scm):
-            if frozen is not None:
-                frozen.eval()
-        return self
 
     # -- ε₀ and the interventions' set-up ---------------------------------------------------------------
     def on_train_start(self) -> None:

@@ -57,7 +57,6 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
-from torch.func import functional_call
 
 from lightning_modules.base import CounterfactualModule, only_trainable
 from lightning_modules.losses import (
@@ -71,6 +70,7 @@ from lightning_modules.losses import (
     reconstruction_bce,
 )
 from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.frozen import without_stat_update
 
 NETWORKS = ("encoder", "decoder", "discriminator", "auxiliary")
 AUX_OBJECTIVES = ("maximise", "confusion")
@@ -277,8 +277,7 @@ class IFCVAE(CounterfactualModule):
         prior samples update them too makes them describe a mixture that evaluation never sees, and early in
         training (posterior far from the prior) that alone ruins eval-mode reconstructions.
         """
-        state = {**dict(self.decoder.named_parameters()), **_buffer_copies(self.decoder)}
-        return functional_call(self.decoder, state, (torch.cat([y.to(z.dtype)[:, None], z], dim=1),))
+        return without_stat_update(self.decoder, torch.cat([y.to(z.dtype)[:, None], z], dim=1))
 
     def _vae_losses(self, x: torch.Tensor, y: torch.Tensor, out: Forward) -> tuple[torch.Tensor, dict]:
         """The surrogate S whose gradient is ∇θ L_dec for θ and ∇φ L_IFcVAE-GAN for φ, and the named terms.
@@ -321,17 +320,14 @@ class IFCVAE(CounterfactualModule):
 
         The paper's intent is label information for the DECODER. x̂ is re-decoded from the detached codes
         (ŷ, ẑ), which gives the same image and the same θ-gradient but none through the codes to φ, and E_y
-        is evaluated with detached encoder parameters (``functional_call``), so φ gets no gradient at all.
+        is evaluated with detached encoder parameters, so φ gets no gradient at all.
         Both calls use copies of the networks' buffers so BatchNorm running statistics are not updated
         twice per step.
         """
         codes = torch.cat([out.y_hat.detach()[:, None], out.z_hat.detach()], dim=1)
-        decoder_state = {**dict(self.decoder.named_parameters()), **_buffer_copies(self.decoder)}
-        x_hat = torch.sigmoid(functional_call(self.decoder, decoder_state, (codes,)))
-        encoder_state = {n: p.detach() for n, p in self.encoder.named_parameters()}
-        _, _, y_logit = functional_call(
-            self.encoder, {**encoder_state, **_buffer_copies(self.encoder)}, (x_hat,)
-        )
+        x_hat = torch.sigmoid(without_stat_update(self.decoder, codes))
+        detached = {n: p.detach() for n, p in self.encoder.named_parameters()}
+        _, _, y_logit = without_stat_update(self.encoder, x_hat, parameters=detached)
         return bce_with_logits(y_logit.squeeze(1), y)
 
     def _disc_loss(self, x: torch.Tensor, out: Forward) -> torch.Tensor:
@@ -411,6 +407,3 @@ class IFCVAE(CounterfactualModule):
         """D_θ([y, z]) -> image logits; y is [B] (ŷ or a label), z is [B, m]."""
         return self.decoder(torch.cat([y.to(z.dtype)[:, None], z], dim=1))
 
-
-def _buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: b.clone() for n, b in module.named_buffers()}

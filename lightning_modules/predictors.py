@@ -33,8 +33,8 @@ statistics and dropout are untouched — the reference code's defect, notes §1.
 * ``features(x) -> [B, n_targets * feature_dim]``: the penultimate image features of every predictor,
   concatenated in target order (the benchmark's "clfs" embedding). They do not include the conditions.
 * ``parent_net(name)``: an ``nn.Module`` ``(x, c=None) -> raw output`` in the convention of
-  ``callbacks.metrics.effectiveness.Predictor`` (``c``: [B, len(conditions)] values in batch units), and
-  ``effectiveness_predictors()`` wraps them all as such ``Predictor`` objects.
+  ``callbacks.metrics.effectiveness.Predictor`` (``c``: [B, len(conditions)] values in batch units);
+  ``callbacks.metrics.effectiveness.anti_causal_predictors`` wraps them all as such ``Predictor`` objects.
 
 Parents are described in the config (``parents: {name: {kind, num_classes, low, high}}``) because a model is
 built before the DataModule is set up; ``low``/``high`` (raw units of the normalised range) are optional and
@@ -52,9 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules.base import Attribute, condition_vector, parent_attribute
-from lightning_modules.base import SameStepEveryStage, evaluating
+from lightning_modules.base import SameStepEveryStage
 from lightning_modules.networks.blocks import _plain, build_network, network_config
 from lightning_modules.networks.classifiers import MLPClassifier
+from lightning_modules.networks.frozen import evaluating
 
 KINDS = ("continuous", "categorical", "binary")
 
@@ -234,21 +235,6 @@ class AntiCausalPredictor(SameStepEveryStage):
         """The predictor of ``name`` as ``(x, c=None) -> raw output`` (continuous [B, 1] normalised value,
         binary [B, 1] logit, categorical [B, K] logits); ``c`` [B, len(conditions[name])] in batch units."""
         return self.predictors[name]
-
-    def effectiveness_predictors(self, context_from: str = "target") -> dict[str, Any]:
-        """Every target as a ``callbacks.metrics.effectiveness.Predictor``."""
-        from callbacks.metrics.effectiveness import Predictor
-
-        return {
-            t: Predictor(
-                self.predictors[t],
-                self.attributes[t],
-                context=tuple(self.conditions.get(t, [])),
-                context_from=context_from,
-                logits=True,
-            )
-            for t in self.targets
-        }
 
     # -- training ----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, pa: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ interventions and the same judges as the model (``callbacks.references`` fits th
   than pixel noise); ``resolution=None`` compares full-resolution pixels. A real image with the requested parents
   that looks like x: a model should beat it on preservation and on the ground truth.
 
-Parents are compared after discretisation (:func:`parent_codes`): binary and categorical values as they are,
+Parents are compared after discretisation (``Attribute.codes``): binary and categorical values as they are,
 continuous values by the bin of their attribute's ``bins`` (10 equal-width bins over [low, high] when it has none),
 so "equal parents" is defined for thickness and intensity too. When no training image has every requested value
 (e.g. a rare combination of 38 face attributes), both the mean and the retrieval use the images whose codes differ
@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from datamodules.base import Attribute, equal_width_bins
+from datamodules.base import Attribute
 from lightning_modules.base import CounterfactualModule
 
 __all__ = [
@@ -55,34 +55,12 @@ __all__ = [
     "retrieval_features",
 ]
 
-DEFAULT_CONTINUOUS_BINS = 10
-
-
-def _edges(attribute: Attribute) -> tuple[float, ...]:
-    if attribute.bins is not None:
-        return attribute.bins
-    return equal_width_bins(float(attribute.low), float(attribute.high), DEFAULT_CONTINUOUS_BINS)
-
-
 def parent_codes(pa: Mapping[str, Tensor], attributes: Sequence[Attribute]) -> Tensor:
-    """Discrete codes [B, len(attributes)] (long) of parents in batch units: binary 0/1, categorical the class,
-    continuous the bin of the raw value (``Attribute.bins``, else 10 equal-width bins over [low, high])."""
+    """Discrete codes [B, len(attributes)] (long, on the CPU) of parents in batch units (``Attribute.codes``)."""
     missing = [a.name for a in attributes if a.name not in pa]
     if missing:
         raise KeyError(f"parent codes need the parent(s) {missing}; pa has {sorted(pa)}")
-    columns = []
-    for a in attributes:
-        v = torch.as_tensor(pa[a.name]).detach().reshape(-1).float().cpu()
-        if a.kind == "binary":
-            columns.append((v > 0.5).long())
-        elif a.kind == "categorical":
-            columns.append(v.round().long())
-        else:
-            edges = torch.tensor(_edges(a)[1:-1], dtype=torch.float32)
-            columns.append(torch.bucketize(a.denormalise(v), edges, right=True))
-    if not columns:
-        return torch.zeros((0, 0), dtype=torch.long)
-    return torch.stack(columns, dim=1)
+    return torch.stack([a.codes(torch.as_tensor(pa[a.name]).detach().cpu()) for a in attributes], dim=1)
 
 
 def retrieval_features(x: Tensor, resolution: int | None) -> Tensor:

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.base import SameStepEveryStage, evaluating
+from lightning_modules.base import SameStepEveryStage
 from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.frozen import evaluating
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 

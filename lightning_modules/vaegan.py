@@ -38,8 +38,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_modules.base import CounterfactualModule, evaluating
-from lightning_modules.cdvae_gan import CDVAEGAN, _no_stat_update, gaussian_kl
+from lightning_modules.base import CounterfactualModule
+from lightning_modules.cdvae_gan import CDVAEGAN, gaussian_kl
+from lightning_modules.networks.frozen import evaluating, without_stat_update
 
 
 def feature_reconstruction(features_rec: torch.Tensor, features_real: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class VAEGAN(CDVAEGAN):
     def _rec_loss(self, x_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """L_llike^{Dis_l}; D's features without updating its BatchNorm statistics (D is trained on L_GAN only)."""
         features = _Features(self.discriminator)
-        return feature_reconstruction(_no_stat_update(features, torch.sigmoid(x_logits)), _no_stat_update(features, x))
+        return feature_reconstruction(without_stat_update(features, torch.sigmoid(x_logits)), without_stat_update(features, x))
 
     # -- attribute vectors ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -194,7 +195,7 @@ class VAEGAN(CDVAEGAN):
 
 
 class _Features(nn.Module):
-    """D's ``features`` as a module's forward, so ``_no_stat_update`` can call it with copied buffers."""
+    """D's ``features`` as a module's forward, so ``without_stat_update`` can call it with copied buffers."""
 
     def __init__(self, discriminator: nn.Module):
         super().__init__()

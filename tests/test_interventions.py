@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from callbacks.metrics.interventions import (
+from datamodules.base import Attribute, equal_width_bins
+from datamodules.interventions import (
     draw_new_values,
     multi_parent,
     per_sample_uniforms,
     random_parents,
     single_parent,
 )
-from datamodules.base import Attribute, equal_width_bins
 
 THICK = Attribute("thickness", "continuous", low=0.0, high=4.0, bins=equal_width_bins(0.0, 4.0, 4))
 DIGIT = Attribute("digit", "categorical", num_classes=10)

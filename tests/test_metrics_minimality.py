@@ -15,7 +15,6 @@ from callbacks.metrics.minimality import (
     cld_from_probabilities,
     gaussian_kl,
     pairwise_gaussian_kl,
-    parent_codes,
 )
 from datamodules.base import Attribute, equal_width_bins
 from tests.helpers.ddp import run_distributed, shard
@@ -47,10 +46,10 @@ def test_gaussian_kl_matches_the_closed_form_and_torch_distributions() -> None:
 
 def test_parent_codes_use_the_attribute_bins_of_raw_values() -> None:
     # Raw edges 0, 2, 4, 6, 8; normalised -1 -> 0 raw, -0.4 -> 2.4 raw, 0.6 -> 6.4 raw.
-    assert parent_codes(THICK, torch.tensor([-1.0, -0.4, 0.6, 1.0])).tolist() == [0, 1, 3, 3]
-    assert parent_codes(DIGIT, torch.tensor([3.0, 7.0])).tolist() == [3, 7]
+    assert THICK.codes(torch.tensor([-1.0, -0.4, 0.6, 1.0])).tolist() == [0, 1, 3, 3]
+    assert DIGIT.codes(torch.tensor([3.0, 7.0])).tolist() == [3, 7]
     no_bins = Attribute("t", "continuous", low=0.0, high=10.0)  # default: 10 equal-width bins
-    assert parent_codes(no_bins, torch.tensor([-0.95, 0.05, 0.95])).tolist() == [0, 5, 9]
+    assert no_bins.codes(torch.tensor([-0.95, 0.05, 0.95])).tolist() == [0, 5, 9]
 
 
 def _hand_case() -> tuple[CounterfactualLatentDivergence, dict[str, float]]:

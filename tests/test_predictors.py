@@ -141,12 +141,12 @@ def test_predict_parents_and_features_leave_weights_bn_stats_and_mode_alone():
 
 def test_effectiveness_predictors_agree_with_predict_parents():
     pytest.importorskip("callbacks.metrics.effectiveness")
-    from callbacks.metrics.effectiveness import predict_parents
+    from callbacks.metrics.effectiveness import anti_causal_predictors, predict_parents
 
     model = make({**MORPHO, "flag": {"kind": "binary"}}, conditions={"thickness": ["intensity"]})
     b = batch()
     ours = model.predict_parents(b["x"], b["pa"])
-    theirs = predict_parents(model.effectiveness_predictors(), b["x"], b["pa"])
+    theirs = predict_parents(anti_causal_predictors(model), b["x"], b["pa"])
     for name in ("thickness", "intensity", "digit"):
         assert torch.allclose(ours[name], theirs[name], atol=1e-6), name
     assert torch.equal((ours["flag"] > 0.5).float(), theirs["flag"])

@@ -1,4 +1,4 @@
-"""The attribute mechanisms of the Deep SCM (lightning_modules/scm.py): flows invert and their log-determinants
+"""The attribute mechanisms of the Deep SCM (lightning_modules/networks/scm.py): flows invert and their log-determinants
 match autograd's Jacobians, interventions propagate to descendants only, Gumbel-max abduction reproduces the
 factual values, training by NLL learns the Deep-SCM MorphoMNIST mechanisms, and checkpoints round-trip."""
 
@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.base import CounterfactualModule
 from lightning_modules.networks.blocks import build_network, network_config
-from lightning_modules.scm import AttributeMechanisms, AttributeSCM, FlowMechanism, resolve_scm
+from lightning_modules.networks.scm import AttributeSCM, FlowMechanism, resolve_scm
+from lightning_modules.scm import AttributeMechanisms
 
 THICKNESS = (0.87598526, 6.255515)  # published training extremes (notes §2) -> [-1, 1]
 INTENSITY = (66.601204, 254.90317)

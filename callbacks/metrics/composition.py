@@ -43,7 +43,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from callbacks.metrics.distances import PixelL1
-from lightning_modules.base import evaluating
+from lightning_modules.networks.frozen import evaluating
 
 __all__ = [
     "Composition",

@@ -38,7 +38,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from lightning_modules.base import evaluating
+from lightning_modules.networks.frozen import evaluating
 
 __all__ = [
     "HUB_WEIGHTS",

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from datamodules.base import Attribute
-from lightning_modules.base import evaluating
+from lightning_modules.networks.frozen import evaluating
 
 __all__ = [
     "Effectiveness",
@@ -48,6 +48,7 @@ __all__ = [
     "evaluating",
     "f1_counts",
     "f1_from_counts",
+    "anti_causal_predictors",
     "predict_parents",
 ]
 
@@ -184,6 +185,16 @@ class Predictor:
         if kind == "binary":
             return (out > 0.0 if self.logits else out > 0.5).to(torch.float32)
         return out
+
+
+def anti_causal_predictors(model: Any, context_from: str = "target") -> dict[str, Predictor]:
+    """Every target of an ``AntiCausalPredictor`` (``targets``, ``attributes``, ``conditions``, ``predictors``) as a
+    :class:`Predictor`; the metric knows the model, the model does not know the metric."""
+    return {
+        t: Predictor(model.predictors[t], model.attributes[t], context=tuple(model.conditions.get(t, [])),
+                     context_from=context_from, logits=True)
+        for t in model.targets
+    }
 
 
 def predict_parents(predictors: Mapping[str, Predictor], x: Tensor, target: Mapping[str, Tensor] | None = None

@@ -44,7 +44,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from datamodules.base import Attribute, equal_width_bins
+from datamodules.base import Attribute
 
 __all__ = [
     "CounterfactualLatentDivergence",
@@ -52,11 +52,7 @@ __all__ = [
     "cld_probabilities",
     "gaussian_kl",
     "pairwise_gaussian_kl",
-    "parent_codes",
 ]
-
-DEFAULT_BINS = 10
-
 
 # -- functional cores -------------------------------------------------------------------------------------
 def gaussian_kl(mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor) -> Tensor:
@@ -90,21 +86,6 @@ def _kl_rows_q(mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor) -
     return out.mul_(0.5)
 
 
-def parent_codes(attribute: Attribute, values: Tensor) -> Tensor:
-    """Discrete codes [B] (long) of parent values in batch units: the class/label for binary and categorical
-    parents, the equal-width bin of the raw value for continuous ones."""
-    values = torch.as_tensor(values).reshape(-1)
-    if attribute.kind != "continuous":
-        return values.round().long()
-    raw = attribute.denormalise(values.detach().cpu())
-    if attribute.bins is not None:
-        codes = attribute.bin_index(raw)
-    else:
-        edges = torch.tensor(equal_width_bins(attribute.low, attribute.high, DEFAULT_BINS)[1:-1])
-        codes = torch.bucketize(raw, edges.to(raw.dtype), right=True)
-    return codes.to(values.device)
-
-
 def cld_probabilities(
     div: Tensor,
     fact_mu: Tensor,
@@ -121,7 +102,7 @@ def cld_probabilities(
 
     :param div: [N] divergences ``KL(q(z|x*_i) ‖ q(z|x_i))``.
     :param fact_mu, fact_logvar: [N, D] posteriors of the factuals.
-    :param fact_code, cf_code: [N] codes (:func:`parent_codes`) of the intervened parent's factual and
+    :param fact_code, cf_code: [N] codes (``Attribute.codes``) of the intervened parent's factual and
         counterfactual values.
     :param intervened: [N] index of the intervened parent (a column of ``ref_codes``).
     :param ref_mu, ref_logvar, ref_codes: the real images x' ([M, D], [M, D], [M, V] codes of every parent);
@@ -213,8 +194,8 @@ class CounterfactualLatentDivergence(Metric):
         if fact_mu.ndim != 2 or any(t.shape != shape for t in (fact_logvar, cf_mu, cf_logvar)):
             raise ValueError("posteriors must all have the same shape [B, D]")
         index = self._index(intervened, shape[0], fact_mu.device)
-        fact_codes = torch.stack([parent_codes(a, pa[a.name]).to(fact_mu.device) for a in self.attributes], dim=1)
-        cf_codes = torch.stack([parent_codes(a, cf_pa[a.name]).to(fact_mu.device) for a in self.attributes], dim=1)
+        fact_codes = torch.stack([a.codes(pa[a.name]).to(fact_mu.device) for a in self.attributes], dim=1)
+        cf_codes = torch.stack([a.codes(cf_pa[a.name]).to(fact_mu.device) for a in self.attributes], dim=1)
         for name, value in (("fact_mu", fact_mu), ("fact_logvar", fact_logvar), ("cf_mu", cf_mu),
                             ("cf_logvar", cf_logvar)):
             getattr(self, name).append(value.detach().to(torch.float64))

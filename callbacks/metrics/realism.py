@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_modules.base import evaluating
+from lightning_modules.networks.frozen import evaluating
 
 __all__ = [
     "FID",
