@@ -43,22 +43,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.base import CounterfactualModule, only_trainable
-from lightning_modules.losses import bce_with_logits, binary_accuracy_from_logits
+from lightning_modules.losses import binary_accuracy_from_logits, gan_discriminator_loss
 from lightning_modules.networks.blocks import build_network, network_config
 
 NETWORKS = ("encoder", "generator", "discriminator")
-
-
-def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """L_D = BCE(D(x, E(x, pa), pa), 1) + BCE(D(G(u, pa), u, pa), 0) = −V(D, G, E) of benchmark eq. 5 (batch
-    means); D minimises it. ``real_logits`` score (x, E(x, pa)) tuples, ``fake_logits`` (G(u, pa), u) tuples."""
-    return bce_with_logits(real_logits, 1.0) + bce_with_logits(fake_logits, 0.0)
-
-
-def encoder_generator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """L_EG = BCE(D(x, E(x, pa), pa), 0) + BCE(D(G(u, pa), u, pa), 1): eq. 5's min over (E, G) with the labels
-    swapped (the non-saturating form used by ALI and BiGAN)."""
-    return bce_with_logits(real_logits, 0.0) + bce_with_logits(fake_logits, 1.0)
 
 
 def discriminator_accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -174,11 +162,12 @@ class ConditionalBiGAN(BiGANMechanism):
         for _ in range(self.hparams.d_steps_per_g_step):  # D ascends V on detached codes and images
             with only_trainable(self, [self.discriminator]):
                 real, fake = self.discriminator(x, u_x.detach(), pa), self.discriminator(x_u.detach(), u, pa)
-                loss_d = discriminator_loss(real, fake)
+                loss_d = gan_discriminator_loss(real, [fake], "sum")  # L_D = −V(D, G, E), eq. 5
                 self._step(opt_d, loss_d)
 
         with only_trainable(self, [self.encoder, self.generator]):  # E and G fool the updated D
-            loss_eg = encoder_generator_loss(self.discriminator(x, u_x, pa), self.discriminator(x_u, u, pa))
+            # E and G: eq. 5 with the labels swapped (ALI/BiGAN's non-saturating form)
+            loss_eg = gan_discriminator_loss(self.discriminator(x_u, u, pa), [self.discriminator(x, u_x, pa)], "sum")
             self._step(opt_eg, loss_eg)
 
         self.log_dict({"train/loss/d": loss_d.detach(), "train/loss/eg": loss_eg.detach(),
@@ -197,8 +186,8 @@ class ConditionalBiGAN(BiGANMechanism):
         u_x = self.encoder(x, pa)
         real, fake = self.discriminator(x, u_x, pa), self.discriminator(self.generator(u, pa), u, pa)
         self.log_dict({
-            f"{stage}/loss/d": discriminator_loss(real, fake),
-            f"{stage}/loss/eg": encoder_generator_loss(real, fake),
+            f"{stage}/loss/d": gan_discriminator_loss(real, [fake], "sum"),
+            f"{stage}/loss/eg": gan_discriminator_loss(fake, [real], "sum"),
             f"{stage}/acc/d": discriminator_accuracy(real, fake),
             f"{stage}/rec/l1": reconstruction_l1(x, self.generator(u_x, pa)),
         }, batch_size=x.shape[0], sync_dist=True)

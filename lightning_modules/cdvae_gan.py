@@ -59,8 +59,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.base import CounterfactualModule, binary_label_matrix, only_trainable
-from lightning_modules.losses import GAN_LOSS_MODES
+from lightning_modules.losses import GAN_LOSS_MODES, gan_discriminator_loss, gan_generator_loss
 from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.distributions import gaussian_kl as _gaussian_kl
 from lightning_modules.networks.frozen import without_stat_update
 
 
@@ -68,7 +69,7 @@ from lightning_modules.networks.frozen import without_stat_update
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(q(z_G|x) ‖ N(0, I)), the first term of eqs. 3.3-3.4 (with the sign of a divergence, see the module
     docstring): ½ Σ_i (μ_i² + σ_i² − log σ_i² − 1), summed over the m latents and averaged over the batch."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0).sum(dim=1).mean()
+    return _gaussian_kl(mu, logvar).sum(dim=1).mean()
 
 
 def bernoulli_kl(y: torch.Tensor, pi_logits: torch.Tensor) -> torch.Tensor:
@@ -98,24 +99,10 @@ def gaussian_reconstruction(x_logits: torch.Tensor, x: torch.Tensor, sigma: floa
     return 0.5 * ((torch.sigmoid(x_logits) - x) / sigma).pow(2).flatten(1).sum(dim=1).mean()
 
 
-def gan_objective(real_logits: torch.Tensor, prior_logits: torch.Tensor, recon_logits: torch.Tensor) -> torch.Tensor:
-    """L_GAN (eqs. 3.8-3.10), the value D maximises: E log D(x) + E log(1 − D(G(z̃))) + E log(1 − D(G(E(x)))),
-    each expectation a batch mean; D(·) = sigmoid(logit), log(1 − D) = logsigmoid(−logit). Always ≤ 0."""
-    return F.logsigmoid(real_logits).mean() + F.logsigmoid(-prior_logits).mean() + F.logsigmoid(-recon_logits).mean()
-
-
-def generator_gan_loss(prior_logits: torch.Tensor, recon_logits: torch.Tensor, mode: str = "non_saturating"):
-    """G's GAN term of Algorithm 1 line 12, which G minimises.
-
-    * ``"minimax"``: E log(1 − D(G(z̃))) + E log(1 − D(G(E(x)))), i.e. L_GAN without its real-image term (which
-      does not depend on G, so the gradient is exactly ∇_G L_GAN);
-    * ``"non_saturating"``: −E log D(G(z̃)) − E log D(G(E(x))), Goodfellow et al.'s substitute.
-    """
-    if mode == "minimax":
-        return F.logsigmoid(-prior_logits).mean() + F.logsigmoid(-recon_logits).mean()
-    if mode == "non_saturating":
-        return -F.logsigmoid(prior_logits).mean() - F.logsigmoid(recon_logits).mean()
-    raise ValueError(f"mode must be one of {GAN_LOSS_MODES}, got {mode!r}")
+def gan_value(real_logits: torch.Tensor, prior_logits: torch.Tensor, recon_logits: torch.Tensor) -> torch.Tensor:
+    """L_GAN (eqs. 3.8-3.10), the value D maximises (≤ 0): minus the summed cross-entropy of
+    ``losses.gan_discriminator_loss`` on the real batch and the two kinds of fake."""
+    return -gan_discriminator_loss(real_logits, [prior_logits, recon_logits], "sum")
 
 
 def relaxed_bernoulli(pi_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -155,7 +142,7 @@ class CDVAEGAN(CounterfactualModule):
     :param tau: τ, temperature of the relaxed-Bernoulli z_B in training (0.1).
     :param rec_sigma: σ of the Gaussian L_Rec on [0, 1] images (0.5: unit variance on the Tanh scale).
     :param prior_p: η of the Bernoulli prior p(z_B) = Ber(η) for generated images (0.5).
-    :param gan_loss: ``"non_saturating"`` or ``"minimax"`` (G's GAN term; see ``generator_gan_loss``).
+    :param gan_loss: ``"non_saturating"`` or ``"minimax"`` (G's GAN term; see ``losses.gan_generator_loss``).
     :param lr_encoder, lr_decoder, lr_discriminator: RMSprop learning rates (3e-4, 3e-4, 3e-5).
     :param rmsprop_alpha: RMSprop's smoothing constant (PyTorch's default 0.99; the paper gives none).
     """
@@ -258,15 +245,15 @@ class CDVAEGAN(CounterfactualModule):
             x_rec_logits = without_stat_update(self.decoder, z)
             x_prior_logits = without_stat_update(self.decoder, self._prior_code(x.shape[0], x))
             x_rec, x_prior = torch.sigmoid(x_rec_logits), torch.sigmoid(x_prior_logits)
-            terms["gen"] = generator_gan_loss(without_stat_update(self.discriminator, x_prior),
-                                              without_stat_update(self.discriminator, x_rec), hp.gan_loss)
+            terms["gen"] = gan_generator_loss([without_stat_update(self.discriminator, x_prior),
+                                               without_stat_update(self.discriminator, x_rec)], hp.gan_loss, "sum")
             rec_g = self._rec_loss(x_rec_logits, x)
             self._step(opt_g, hp.gamma * rec_g + terms["gen"])
 
         # Line 13: D maximises L_GAN on the real batch and the fakes of this step (detached, made before G moved).
         with only_trainable(self, [self.discriminator]):
-            terms["gan"] = gan_objective(self.discriminator(x), self.discriminator(x_prior.detach()),
-                                         self.discriminator(x_rec.detach()))
+            terms["gan"] = gan_value(self.discriminator(x), self.discriminator(x_prior.detach()),
+                                     self.discriminator(x_rec.detach()))
             self._step(opt_d, -terms["gan"])
 
         self._log_terms("train", terms, out, y)
@@ -309,8 +296,8 @@ class CDVAEGAN(CounterfactualModule):
         terms["rec"] = self._rec_loss(out.x_rec_logits, x)
         if "discriminator" in self.players:
             x_prior = torch.sigmoid(self.decoder(self._prior_code(x.shape[0], x)))
-            terms["gan"] = gan_objective(self.discriminator(x), self.discriminator(x_prior),
-                                         self.discriminator(torch.sigmoid(out.x_rec_logits)))
+            terms["gan"] = gan_value(self.discriminator(x), self.discriminator(x_prior),
+                                     self.discriminator(torch.sigmoid(out.x_rec_logits)))
         self._log_terms(stage, terms, out, y)
 
     def _log_terms(self, stage: str, terms: dict[str, torch.Tensor], out: Forward, y: torch.Tensor) -> None:

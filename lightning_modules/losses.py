@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.networks.distributions import gaussian_kl
+
 GanLossMode = Literal["non_saturating", "minimax"]
 GAN_LOSS_MODES = ("non_saturating", "minimax")
 
@@ -70,28 +72,38 @@ def kl_normal_std(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
     Per dimension: 0.5 (μ² + σ² − 1 − log σ²).
     """
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    return gaussian_kl(mu, logvar).mean()
 
 
-def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L_gan of §3.1 (Bao et al., 2017), which C_χ minimises:
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: Sequence[torch.Tensor],
+                           reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """The discriminator's cross-entropy: L_bce(1, C(real)) and L_bce(0, C(fake)) for every fake, each term
+    averaged over its batch, then averaged (``reduction="mean"``) or summed (``"sum"``) over the terms.
 
-        L_gan = 1/3 [L_bce(1, C(x)) + L_bce(0, C(D(E(x)))) + L_bce(0, C(D(z, y)))]
-
-    for the paper's two kinds of fake (reconstructions and prior samples); in general the mean of the
-    ``1 + len(fake_logits)`` terms, each term averaged over its batch.
+    * IFcVAE-GAN's L_gan of §3.1 (Bao et al., 2017), which C_χ minimises, is the mean over its three terms:
+      1/3 [L_bce(1, C(x)) + L_bce(0, C(D(E(x)))) + L_bce(0, C(D(z, y)))];
+    * CDVAE-GAN's L_GAN of eqs. 3.8-3.10, E log D(x) + E log(1 − D(G(z̃))) + E log(1 − D(G(E(x)))), which D
+      maximises, is minus the sum over its three terms;
+    * the conditional BiGAN's L_D = −V(D, G, E) of benchmark eq. 5 is the sum over its two terms (real tuples
+      (x, E(x, pa)), fake tuples (G(u, pa), u)); its encoder and generator minimise the same with the roles
+      swapped, ``gan_discriminator_loss(fake, [real], "sum")`` (ALI/BiGAN's non-saturating form).
     """
     terms = [bce_with_logits(real_logits, 1.0)] + [bce_with_logits(f, 0.0) for f in fake_logits]
-    return torch.stack(terms).mean()
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return torch.stack(terms).mean() if reduction == "mean" else torch.stack(terms).sum()
 
 
 def gan_generator_loss(
-    fake_logits: Sequence[torch.Tensor], mode: GanLossMode = "non_saturating"
+    fake_logits: Sequence[torch.Tensor], mode: GanLossMode = "non_saturating",
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
-    """The generator-side GAN term that the decoder and the encoder MINIMISE in place of "− L_gan" (eqs. 3, 4).
+    """The generator-side GAN term that the decoder and the encoder MINIMISE in place of "− L_gan" (IFcVAE-GAN
+    eqs. 3, 4), or G's GAN term of CDVAE-GAN's Algorithm 1 line 12 with ``reduction="sum"``.
 
-    Each fake term keeps its weight in L_gan, 1 / (1 + len(fake_logits)) (1/3 in the paper), so δ means the
-    same in both modes:
+    Each fake term keeps its weight in the discriminator's loss (``gan_discriminator_loss`` with the same
+    ``reduction``): 1 / (1 + len(fake_logits)) for ``"mean"`` (1/3 in IFcVAE-GAN), 1 for ``"sum"``, so the GAN
+    weight means the same in both modes:
 
     * ``"minimax"``: −1/3 [L_bce(0, C(x̂)) + L_bce(0, C(x_p))]. The real term of L_gan does not depend on
       the decoder or the encoder, so this has exactly the gradient of the paper's −L_gan; its value is −L_gan
@@ -104,7 +116,9 @@ def gan_generator_loss(
     """
     if mode not in GAN_LOSS_MODES:
         raise ValueError(f"mode must be one of {GAN_LOSS_MODES}, got {mode!r}")
-    weight = 1.0 / (1 + len(fake_logits))
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    weight = 1.0 / (1 + len(fake_logits)) if reduction == "mean" else 1.0
     if mode == "minimax":
         return -weight * sum(bce_with_logits(f, 0.0) for f in fake_logits)
     return weight * sum(bce_with_logits(f, 1.0) for f in fake_logits)

@@ -35,6 +35,7 @@ from torch import nn
 
 from lightning_modules.base import SameStepEveryStage
 from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.distributions import gaussian_kl
 from lightning_modules.networks.frozen import evaluating
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -42,7 +43,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 def gaussian_kl_std(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL[N(μ, diag σ²) ‖ N(0, I)] per sample [B], summed over the latent dimensions."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+    return gaussian_kl(mu, logvar).sum(dim=1)
 
 
 def reconstruction_nll(

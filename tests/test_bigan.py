@@ -11,13 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs.loader import compose, instantiate
-from lightning_modules.bigan import (
-    ConditionalBiGAN,
-    discriminator_accuracy,
-    discriminator_loss,
-    encoder_generator_loss,
-)
+from lightning_modules.bigan import ConditionalBiGAN, discriminator_accuracy
 from lightning_modules.bigan_finetune import CyclicFineTunedBiGAN, cyclic_cost
+from lightning_modules.losses import gan_discriminator_loss
 from lightning_modules.networks.bigan import BiGANDiscriminator, BiGANEncoder, BiGANGenerator
 from tests.test_ifcvae import StepRecorder
 
@@ -117,8 +113,9 @@ def test_losses_match_hand_computations():
     softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731  BCE(l, 1) = softplus(-l), BCE(l, 0) = softplus(l)
     d = (softplus(-0.0) + softplus(-2.0)) / 2 + (softplus(-1.0) + softplus(1.0)) / 2
     eg = (softplus(0.0) + softplus(2.0)) / 2 + (softplus(1.0) + softplus(-1.0)) / 2
-    assert discriminator_loss(real, fake).item() == pytest.approx(d, rel=1e-6)
-    assert encoder_generator_loss(real, fake).item() == pytest.approx(eg, rel=1e-6)
+    # L_D = −V(D, G, E) (eq. 5) and E/G's loss with the labels swapped
+    assert gan_discriminator_loss(real, [fake], "sum").item() == pytest.approx(d, rel=1e-6)
+    assert gan_discriminator_loss(fake, [real], "sum").item() == pytest.approx(eg, rel=1e-6)
     # real logits 0 and 2: one called real (2 > 0); fake logits -1 and 1: one called fake -> (1/2 + 1/2) / 2
     assert discriminator_accuracy(real, fake).item() == pytest.approx(0.5)
     assert discriminator_accuracy(torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 1.0])).item() == pytest.approx(0.75)

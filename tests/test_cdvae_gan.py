@@ -15,13 +15,13 @@ from lightning_modules.cdvae_gan import (
     CDVAEGAN,
     bernoulli_kl,
     divergence_loss,
-    gan_objective,
+    gan_value,
     gaussian_kl,
     gaussian_reconstruction,
-    generator_gan_loss,
     hard_bernoulli,
     relaxed_bernoulli,
 )
+from lightning_modules.losses import gan_generator_loss
 from lightning_modules.networks.cdvae_gan import Table1Decoder, Table1Discriminator, Table1Encoder
 from lightning_modules.vae_bernoulli import BernoulliVAE
 from tests.test_ifcvae import StepRecorder
@@ -126,14 +126,16 @@ def test_gaussian_reconstruction_by_hand():
 def test_gan_terms_by_hand():
     d = {"real": 0.8, "prior": 0.3, "recon": 0.4}  # D's probabilities
     logits = {k: torch.logit(torch.tensor([v])) for k, v in d.items()}
-    value = gan_objective(logits["real"], logits["prior"], logits["recon"])
+    value = gan_value(logits["real"], logits["prior"], logits["recon"])
     torch.testing.assert_close(value, torch.tensor(math.log(0.8) + math.log(0.7) + math.log(0.6)))
-    minimax = generator_gan_loss(logits["prior"], logits["recon"], "minimax")
+    minimax = gan_generator_loss([logits["prior"], logits["recon"]], "minimax", "sum")
     torch.testing.assert_close(minimax, torch.tensor(math.log(0.7) + math.log(0.6)))
-    ns = generator_gan_loss(logits["prior"], logits["recon"], "non_saturating")
+    ns = gan_generator_loss([logits["prior"], logits["recon"]], "non_saturating", "sum")
     torch.testing.assert_close(ns, torch.tensor(-math.log(0.3) - math.log(0.4)))
     with pytest.raises(ValueError, match="mode must be one of"):
-        generator_gan_loss(logits["prior"], logits["recon"], "wasserstein")
+        gan_generator_loss([logits["prior"], logits["recon"]], "wasserstein", "sum")
+    with pytest.raises(ValueError, match="reduction"):
+        gan_generator_loss([logits["prior"]], "minimax", "max")
 
 
 def test_relaxed_bernoulli_tends_to_bernoulli_samples():

@@ -45,6 +45,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.base import Attribute
+from lightning_modules.networks import distributions
 
 __all__ = [
     "CounterfactualLatentDivergence",
@@ -56,13 +57,10 @@ __all__ = [
 
 # -- functional cores -------------------------------------------------------------------------------------
 def gaussian_kl(mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor) -> Tensor:
-    """KL(N(μ_p, diag σ_p²) ‖ N(μ_q, diag σ_q²)) summed over the last dimension, elementwise over the rest:
-
-    ``½ Σ_d [log σ_q² − log σ_p² + (σ_p² + (μ_p − μ_q)²) / σ_q² − 1]`` (float64).
-    """
+    """KL(N(μ_p, diag σ_p²) ‖ N(μ_q, diag σ_q²)) summed over the last dimension, elementwise over the rest, in
+    float64 (``lightning_modules.networks.distributions.gaussian_kl``)."""
     mu_p, logvar_p, mu_q, logvar_q = (t.to(torch.float64) for t in (mu_p, logvar_p, mu_q, logvar_q))
-    terms = logvar_q - logvar_p + (logvar_p.exp() + (mu_p - mu_q).square()) * torch.exp(-logvar_q) - 1.0
-    return 0.5 * terms.sum(dim=-1)
+    return distributions.gaussian_kl(mu_p, logvar_p, mu_q, logvar_q).sum(dim=-1)
 
 
 def pairwise_gaussian_kl(mu_p: Tensor, logvar_p: Tensor, mu_q: Tensor, logvar_q: Tensor) -> Tensor:

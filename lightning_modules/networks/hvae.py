@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.networks import distributions
 from lightning_modules.networks.blocks import remember_config
 
 MIN_LOGSCALE = -9.0  # floor of the pixel log-scale, as published
@@ -91,16 +92,9 @@ def parse_decoder_arch(arch: str) -> list[tuple[int, int]]:
 def gaussian_kl(
     q_loc: torch.Tensor, q_logscale: torch.Tensor, p_loc: torch.Tensor, p_logscale: torch.Tensor
 ) -> torch.Tensor:
-    """KL[N(q_loc, σ_q²) ‖ N(p_loc, σ_p²)] per element (σ = exp(logscale)):
-
-        log σ_p − log σ_q + (σ_q² + (μ_q − μ_p)²) / (2 σ_p²) − 1/2.
-    """
-    return (
-        p_logscale
-        - q_logscale
-        + 0.5 * (torch.exp(2 * q_logscale) + (q_loc - p_loc).pow(2)) * torch.exp(-2 * p_logscale)
-        - 0.5
-    )
+    """KL[N(q_loc, σ_q²) ‖ N(p_loc, σ_p²)] per element, σ = exp(logscale) (``networks.distributions``, whose
+    log-variances are 2·logscale)."""
+    return distributions.gaussian_kl(q_loc, 2 * q_logscale, p_loc, 2 * p_logscale)
 
 
 class BottleneckBlock(nn.Module):
