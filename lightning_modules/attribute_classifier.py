@@ -17,13 +17,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy
 
-from lightning_modules.base import binary_label_matrix
+from lightning_modules.base import binary_label_matrix, network_configs
 from lightning_modules.losses import bce_with_logits
-from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.blocks import build_network
 
 
 class AttributeClassifier(pl.LightningModule):
@@ -55,13 +54,7 @@ class AttributeClassifier(pl.LightningModule):
             )
         self.save_hyperparameters(ignore=["network", "attributes"])
         self.save_hyperparameters({"attributes": self.attributes})
-        config = network_config(self.network)
-        if config is None:
-            rank_zero_warn(
-                "AttributeClassifier: the network does not record its config; pass it to load_from_checkpoint"
-            )
-        else:
-            self.save_hyperparameters({"network": config})
+        self.save_hyperparameters(network_configs(self, ["network"]))
         # One metric per stage and attribute, indexed by position (a ModuleDict rejects names with dots).
         self.train_acc = nn.ModuleList(BinaryAccuracy() for _ in self.attributes)
         self.val_acc = nn.ModuleList(BinaryAccuracy() for _ in self.attributes)

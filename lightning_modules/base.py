@@ -26,10 +26,26 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.networks.blocks import network_config
 from lightning_modules.networks.scm import resolve_scm
+
+
+def network_configs(module: nn.Module, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The ``_target_`` configs of ``module``'s networks ``names`` (``networks.blocks.network_config``), to be
+    saved as hyperparameters so that ``load_from_checkpoint`` rebuilds them; a network that records none is left
+    out with a warning (it must then be passed to ``load_from_checkpoint`` again)."""
+    configs = {}
+    for name in names:
+        config = network_config(getattr(module, name))
+        if config is None:
+            rank_zero_warn(f"{type(module).__name__}: the {name} does not record its config; pass it again to "
+                           "load_from_checkpoint")
+        else:
+            configs[name] = config
+    return configs
 
 
 def binary_label_matrix(pa: Mapping[str, torch.Tensor], names: Sequence[str], owner: str) -> torch.Tensor:

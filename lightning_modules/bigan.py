@@ -39,12 +39,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_modules.base import CounterfactualModule, only_trainable
+from lightning_modules.base import CounterfactualModule, network_configs, only_trainable
 from lightning_modules.losses import binary_accuracy_from_logits, gan_discriminator_loss
-from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.blocks import build_network
 
 NETWORKS = ("encoder", "generator", "discriminator")
 
@@ -78,17 +77,6 @@ class BiGANMechanism(CounterfactualModule):
         self.latent_dim = next((int(s) for s in sizes.values() if s is not None), None)
         if self.latent_dim is None:
             raise ValueError("none of the networks has a 'latent_dim' attribute: the size of u is unknown")
-
-    def _network_configs(self) -> dict[str, Any]:
-        configs = {}
-        for name in NETWORKS:
-            config = network_config(getattr(self, name))
-            if config is None:
-                rank_zero_warn(f"{type(self).__name__}: the {name} does not record its config; pass it again to "
-                               f"load_from_checkpoint")
-            else:
-                configs[name] = config
-        return configs
 
     def prior(self, n: int) -> torch.Tensor:
         """u ~ p(u) = N(0, I), [n, latent_dim]."""
@@ -142,7 +130,7 @@ class ConditionalBiGAN(BiGANMechanism):
             raise ValueError(f"d_steps_per_g_step must be >= 1, got {d_steps_per_g_step}")
         self._set_networks(encoder, generator, discriminator)
         self.save_hyperparameters(ignore=[*NETWORKS, "scm", "scm_checkpoint"])
-        self.save_hyperparameters(self._network_configs())
+        self.save_hyperparameters(network_configs(self, NETWORKS))
         self.attach_scm(scm, scm_checkpoint)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

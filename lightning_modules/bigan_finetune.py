@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.bigan import BiGANMechanism, ConditionalBiGAN
+from lightning_modules.base import network_configs
+from lightning_modules.bigan import NETWORKS, BiGANMechanism, ConditionalBiGAN
 from lightning_modules.checkpoints import load_module
 
 
@@ -100,7 +101,7 @@ class CyclicFineTunedBiGAN(BiGANMechanism):
             frozen.requires_grad_(False)
             frozen.eval()
         self.save_hyperparameters(ignore=["encoder", "generator", "discriminator", "scm", "scm_checkpoint"])
-        self.save_hyperparameters({"pretrained": None, **self._network_configs()})
+        self.save_hyperparameters({"pretrained": None, **network_configs(self, NETWORKS)})
         self.attach_scm(scm, scm_checkpoint)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

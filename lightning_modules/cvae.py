@@ -54,13 +54,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from datamodules.base import Attribute, condition_vector, parents_from_spec
-from lightning_modules.base import CounterfactualModule
+from lightning_modules.base import CounterfactualModule, network_configs
 from lightning_modules.likelihoods import discretized_gaussian_nll, to_signed, to_unit
-from lightning_modules.networks.blocks import _plain, build_network, network_config
+from lightning_modules.networks.blocks import _plain, build_network
 from lightning_modules.vae import gaussian_kl_std
 
 NETWORKS = ("encoder", "decoder")
@@ -139,7 +138,7 @@ class ConditionalVAE(CounterfactualModule):
         self.attributes: list[Attribute] = parents_from_spec(parents)
         self._check_shapes()
         self.save_hyperparameters(ignore=[*NETWORKS, "scm", "scm_checkpoint", "parents"])
-        self.save_hyperparameters({"parents": _plain(parents), **self._network_configs()})
+        self.save_hyperparameters({"parents": _plain(parents), **network_configs(self, NETWORKS)})
         self.attach_scm(scm, scm_checkpoint)
         self.register_buffer("skipped_updates", torch.zeros((), dtype=torch.long))
 
@@ -158,16 +157,6 @@ class ConditionalVAE(CounterfactualModule):
         if enc is not None and dec is not None and enc != dec:
             raise ValueError(f"encoder.latent_dim={enc} differs from decoder.latent_dim={dec}")
         self.latent_dim = int(enc if enc is not None else dec)
-
-    def _network_configs(self) -> dict[str, Any]:
-        configs = {}
-        for name in NETWORKS:
-            config = network_config(getattr(self, name))
-            if config is None:
-                rank_zero_warn(f"ConditionalVAE: the {name} does not record its config; pass it to load_from_checkpoint")
-            else:
-                configs[name] = config
-        return configs
 
     def configure_optimizers(self):
         hp = self.hparams

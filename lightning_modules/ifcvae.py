@@ -55,10 +55,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_modules.base import CounterfactualModule, only_trainable
+from lightning_modules.base import CounterfactualModule, network_configs, only_trainable
 from lightning_modules.losses import (
     GAN_LOSS_MODES,
     bce_with_logits,
@@ -69,7 +68,7 @@ from lightning_modules.losses import (
     kl_normal_std,
     reconstruction_bce,
 )
-from lightning_modules.networks.blocks import build_network, network_config
+from lightning_modules.networks.blocks import build_network
 from lightning_modules.networks.frozen import without_stat_update
 
 NETWORKS = ("encoder", "decoder", "discriminator", "auxiliary")
@@ -161,7 +160,7 @@ class IFCVAE(CounterfactualModule):
         self.auxiliary = build_network(auxiliary)
         self.latent_dim = self._check_shapes(latent_dim)
         self.save_hyperparameters(ignore=list(NETWORKS))
-        self.save_hyperparameters(self._network_configs())
+        self.save_hyperparameters(network_configs(self, NETWORKS))
 
     # -- construction -----------------------------------------------------------------------------------
     def _check_shapes(self, latent_dim: int | None) -> int:
@@ -193,18 +192,6 @@ class IFCVAE(CounterfactualModule):
                 f"out_features={aux_out}"
             )
         return latent_dim
-
-    def _network_configs(self) -> dict[str, Any]:
-        configs = {}
-        for name in NETWORKS:
-            config = network_config(getattr(self, name))
-            if config is None:
-                rank_zero_warn(
-                    f"IFCVAE: the {name} does not record its config; pass it again to load_from_checkpoint"
-                )
-            else:
-                configs[name] = config
-        return configs
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """RMSprop (§4.4) per player, in the order [encoder φ, decoder θ, discriminator χ, auxiliary ψ]."""

@@ -18,11 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from lightning_modules.base import CounterfactualModule, only_trainable
-from lightning_modules.cdvae_gan import CDVAEGAN
+from lightning_modules.attribute_latents import AttributeLatentModel
+from lightning_modules.base import only_trainable
 
 
-class BernoulliVAE(CDVAEGAN):
+class BernoulliVAE(AttributeLatentModel):
     """CDVAE-GAN's encoder and decoder trained as a VAE (see the module docstring and ``CDVAEGAN``).
 
     :param encoder: E, x -> (μ, log Σ, π logits [B, k]).
@@ -45,8 +45,7 @@ class BernoulliVAE(CDVAEGAN):
         lr_decoder: float = 3e-4,
         rmsprop_alpha: float = 0.99,
     ):
-        # CDVAEGAN.__init__ takes a discriminator; the shared construction is CDVAEGAN._build.
-        CounterfactualModule.__init__(self)
+        super().__init__()
         self._build(locals())
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -9,8 +9,8 @@ D. Larsen et al. replace the pixel likelihood by a Gaussian likelihood of D's l-
 
 and train E on L_prior + L_llike, G on γ L_llike − L_GAN (with the generator's GAN term) and D on L_GAN over
 real images, prior samples and reconstructions (their Algorithm 1). This is CDVAE-GAN's Algorithm 1 with
-k = 0 Bernoulli latents and L_Rec measured in D's feature space, so the class reuses ``CDVAEGAN``'s training
-step, losses and networks (``Table1Encoder(n_attributes=0)``, ``Table1Decoder(in_features=m)``,
+k = 0 Bernoulli latents and L_Rec measured in D's feature space, so the class is a model of CDVAE-GAN's family
+(``attribute_latents.AttributeLatentModel``), trained by ``cdvae_gan.algorithm_1``, with its losses and networks (``Table1Encoder(n_attributes=0)``, ``Table1Decoder(in_features=m)``,
 ``Table1Discriminator(feature_layer=3)``: Larsen et al. use the third convolution).
 
 Counterfactuals by attribute-vector arithmetic (Larsen et al. §5.2; CDVAE-GAN §4.1): for attribute a, the
@@ -38,8 +38,9 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_modules.attribute_latents import AttributeLatentModel, gaussian_kl
 from lightning_modules.base import CounterfactualModule
-from lightning_modules.cdvae_gan import CDVAEGAN, gaussian_kl
+from lightning_modules.cdvae_gan import algorithm_1
 from lightning_modules.networks.frozen import evaluating, without_stat_update
 
 
@@ -58,7 +59,7 @@ def attribute_vector_sums(
     return y.T @ mu, y.sum(0), (1.0 - y).T @ mu, (1.0 - y).sum(0)
 
 
-class VAEGAN(CDVAEGAN):
+class VAEGAN(AttributeLatentModel):
     """VAE-GAN with attribute-vector counterfactuals (see the module docstring).
 
     :param encoder: E, x -> (μ [B, m], log Σ [B, m], None); ``Table1Encoder(n_attributes=0)``.
@@ -72,6 +73,7 @@ class VAEGAN(CDVAEGAN):
     :param attribute_vector_batches: training batches averaged into the attribute vectors (None: all).
     """
 
+    players = ("encoder", "decoder", "discriminator")
     bernoulli_latents = False
     # No attribute classifier of its own: the metric callbacks must not score one.
     predict_attributes = CounterfactualModule.predict_attributes
@@ -90,14 +92,17 @@ class VAEGAN(CDVAEGAN):
         rmsprop_alpha: float = 0.99,
         attribute_vector_batches: int | None = None,
     ):
-        # CDVAEGAN.__init__ has the Bernoulli-latent settings; the shared construction is CDVAEGAN._build.
-        CounterfactualModule.__init__(self)
+        super().__init__()
         self._build(locals())
         if not callable(getattr(self.discriminator, "features", None)):
             raise ValueError("the VAE-GAN measures reconstructions in D's features: the discriminator needs a "
                              "features(x) method (Table1Discriminator)")
         self.register_buffer("attribute_vectors", torch.zeros(len(self.attributes), self.latent_dim))
         self.register_buffer("attribute_vectors_ready", torch.tensor(False))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """CDVAE-GAN's Algorithm 1 with this model's code (z_G only) and reconstruction (in D's features)."""
+        algorithm_1(self, batch)
 
     # -- the parts that differ from CDVAE-GAN ----------------------------------------------------------------
     def _code(self, z_g: torch.Tensor, pi_logits: torch.Tensor | None) -> torch.Tensor:

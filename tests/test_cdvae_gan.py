@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_modules.cdvae_gan import (
-    CDVAEGAN,
+from lightning_modules.attribute_latents import (
     bernoulli_kl,
     divergence_loss,
     gan_value,
@@ -21,6 +20,7 @@ from lightning_modules.cdvae_gan import (
     hard_bernoulli,
     relaxed_bernoulli,
 )
+from lightning_modules.cdvae_gan import CDVAEGAN
 from lightning_modules.losses import gan_generator_loss
 from lightning_modules.networks.cdvae_gan import Table1Decoder, Table1Discriminator, Table1Encoder
 from lightning_modules.vae_bernoulli import BernoulliVAE
