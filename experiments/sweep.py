@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -193,14 +194,35 @@ def run_offline(spec_path: str | Path, extra: Sequence[str] = (), run_fn: RunFn 
     return entries
 
 
+def sweep_home(spec: dict[str, Any]) -> tuple[str | None, str]:
+    """(entity, project) of an online sweep: the spec's ``entity``/``project``, else W&B's environment variables
+    (``WANDB_ENTITY``, ``WANDB_PROJECT``), else the account's default entity and the project ``cfgen``."""
+    project = spec.get("project") or os.environ.get("WANDB_PROJECT") or "cfgen"
+    entity = spec.get("entity") or os.environ.get("WANDB_ENTITY")
+    if entity is None:
+        import wandb
+
+        entity = wandb.Api().default_entity
+    return entity, project
+
+
 def run_online(spec_path: str | Path, extra: Sequence[str] = ()) -> int:
+    """Create the sweep on the W&B server and run one ``wandb agent`` on it.
+
+    The agent is given the sweep's full path ``entity/project/id``: with a bare id it looks the sweep up in the
+    entity and project of its environment, which a user who set them only in the spec does not have, and stops
+    with "sweep not found".
+    """
     import wandb
 
     spec = load_spec(spec_path)
     if extra:
         spec["command"] = [*spec["command"], *extra]
-    sweep_id = wandb.sweep(spec, project=spec.get("project", "cfgen"), entity=spec.get("entity"))
-    return subprocess.call(["wandb", "agent", sweep_id])
+    entity, project = sweep_home(spec)
+    sweep_id = wandb.sweep(spec, entity=entity, project=project)
+    path = f"{entity}/{project}/{sweep_id}" if entity else f"{project}/{sweep_id}"
+    print(f"[sweep] created {path}; more agents: wandb agent {path}")
+    return subprocess.call(["wandb", "agent", path])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,53 @@ def test_bayes_is_refused_offline(tmp_path):
     path.write_text(yaml.safe_dump({"method": "bayes", "parameters": {}, "command": ["-m", "experiments", "x"]}))
     with pytest.raises(ConfigError, match="bayes needs the W&B server"):
         load_spec(path)
+
+
+def _stand_in_wandb(tmp_path: Path, monkeypatch) -> Path:
+    """A `wandb` executable first on PATH that records its arguments, and a wandb.sweep that records its call."""
+    record = tmp_path / "wandb_calls.txt"
+    script = tmp_path / "bin" / "wandb"
+    script.parent.mkdir()
+    script.write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}:{os.environ['PATH']}")
+    import wandb
+
+    created = []
+    monkeypatch.setattr(wandb, "sweep", lambda spec, entity=None, project=None: created.append(
+        (spec["command"], entity, project)) or "abc123")
+    return record, created
+
+
+def test_online_agent_gets_the_sweeps_full_path(tmp_path, monkeypatch):
+    from experiments.sweep import run_online
+
+    record, created = _stand_in_wandb(tmp_path, monkeypatch)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["entity"] = "my-team"
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert run_online(path, ["trainer.max_epochs=1"]) == 0
+    assert record.read_text().split() == ["agent", "my-team/cfgen/abc123"]
+    command, entity, project = created[0]
+    assert (entity, project) == ("my-team", "cfgen") and command[-1] == "trainer.max_epochs=1"
+
+
+def test_online_sweep_falls_back_to_the_environment_then_the_account(tmp_path, monkeypatch):
+    from experiments.sweep import run_online
+
+    record, _ = _stand_in_wandb(tmp_path, monkeypatch)
+    spec = {k: v for k, v in yaml.safe_load(SPEC.read_text()).items() if k != "project"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("WANDB_ENTITY", "env-entity")
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    assert run_online(path) == 0
+    monkeypatch.delenv("WANDB_ENTITY")
+    import wandb
+
+    monkeypatch.setattr(wandb, "Api", lambda: type("Api", (), {"default_entity": "me"})())
+    assert run_online(path) == 0
+    assert record.read_text().splitlines() == ["agent env-entity/env-project/abc123", "agent me/env-project/abc123"]
