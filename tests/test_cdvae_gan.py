@@ -212,6 +212,43 @@ def test_encoder_step_follows_l_div_plus_l_rec(tmp_path):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("gamma", [15.0, 3.0])
+def test_generator_step_follows_gamma_l_rec_plus_its_gan_term(gamma, tmp_path):
+    """G's gradient is ∇_G (γ L_Rec + L_GAN's generator term) at E's code before E moved (Algorithm 1 line 12),
+    recomputed by hand: a G loss without γ, or with another GAN term, fails it."""
+    torch.manual_seed(0)
+    model = make_cdvae(gamma=gamma, rec_sigma=0.4)
+    reference = __import__("copy").deepcopy(model).train()
+    states = []
+    forward = model._forward
+
+    def recording_forward(x):
+        states.append(torch.get_rng_state())
+        return forward(x)
+
+    model._forward = recording_forward
+    recorder = StepRecorder()
+    trainer(tmp_path, callbacks=[recorder], max_steps=1).fit(model, loader(n=8, batch_size=8))
+    data = AttributeSquares(8)
+    torch.set_rng_state(states[0])
+    mu, logvar, logits = reference.encoder(data.x)
+    z_g = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    z = torch.cat([z_g, torch.sigmoid((logits + u.log() - (-u).log1p()) / 0.1)], 1).detach()
+    prior = torch.cat([torch.randn(8, LATENT), torch.bernoulli(torch.full((8, len(ATTRS)), 0.5))], 1)
+    x_rec, x_prior = torch.sigmoid(reference.decoder(z)), torch.sigmoid(reference.decoder(prior))
+    d = reference.discriminator
+    gen = -F.logsigmoid(d(x_prior)).mean() - F.logsigmoid(d(x_rec)).mean()  # non-saturating (the default)
+    rec = (0.5 * ((x_rec - data.x) / 0.4) ** 2).flatten(1).sum(1).mean()
+    params = dict(reference.decoder.named_parameters())
+    grads = torch.autograd.grad(gamma * rec + gen, list(params.values()))
+    scale = max(g.abs().max().item() for g in grads)
+    step = next(s for s in recorder.steps if s["opt"] == 1)
+    for (name, _), g in zip(params.items(), grads, strict=True):
+        torch.testing.assert_close(step["grads"][f"decoder.{name}"], g, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_prior_samples_and_same_point_passes_do_not_touch_running_statistics(tmp_path):
     """Per batch, G's BatchNorm statistics are updated once (E's reconstruction pass), not by prior samples."""
     torch.manual_seed(0)

@@ -214,6 +214,27 @@ def test_encoder_and_decoder_receive_exactly_their_own_loss_gradients(case, tmp_
     assert_grads_equal(recorder.steps[1]["grads"], grads_wrt(l_dec, reference.decoder, "decoder"))
 
 
+@pytest.mark.parametrize("norm", ["none", "batch"])
+def test_discriminator_receives_exactly_the_gradient_of_l_gan(norm, tmp_path):
+    """χ's step follows ∇_χ L_gan (§3.1) on x and on the detached x̂ and x_p of the same forward pass."""
+    torch.manual_seed(0)
+    model = make_model(norm=norm)
+    reference, x, y, rng_state, recorder = run_one_step(model, tmp_path)
+    torch.set_rng_state(rng_state)
+    E, D, C = reference.encoder, reference.decoder, reference.discriminator
+    mu, logvar, y_logit = E(x)
+    z_hat = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    z = torch.randn_like(mu)
+    x_hat = torch.sigmoid(D(torch.cat([torch.sigmoid(y_logit[:, :1]), z_hat], 1))).detach()
+    x_p = torch.sigmoid(D(torch.cat([y[:, None], z], 1))).detach()
+    bce = F.binary_cross_entropy_with_logits
+    real, rec, prior = C(x), C(x_hat), C(x_p)
+    l_gan = (bce(real, torch.ones_like(real)) + bce(rec, torch.zeros_like(rec)) + bce(prior, torch.zeros_like(prior))) / 3
+    step = next(s for s in recorder.steps if s["opt"] == PLAYERS.index("discriminator"))
+    assert_grads_equal(step["grads"], grads_wrt(l_gan, C, "discriminator"))
+    assert all(step["grads"][n] is None for n in names_of(reference, "encoder") | names_of(reference, "decoder"))
+
+
 def test_xhat_class_term_reaches_the_decoder_only(tmp_path):
     torch.manual_seed(0)
     reference, x, y, rng_state, recorder = run_one_step(make_model(xhat_class_weight=0.7), tmp_path)
