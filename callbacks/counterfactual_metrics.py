@@ -5,7 +5,7 @@ For every evaluation batch, through the :class:`CounterfactualModule` contract o
 * composition^m: the null intervention applied m times (``callbacks.metrics.composition``);
 * for each intervened parent (single-parent interventions drawn by ``datamodules.interventions`` from a
   seeded generator): the counterfactual x*, then
-  - reversibility: back from do(pa*) to pa;
+  - reversibility: back from do(pa*) to pa, starting from that same x* (it is not made a second time);
   - effectiveness: the anti-causal predictors on x* against the counterfactual parents (``predictors``), and/or
     Morpho-MNIST's measurements of x* (``morphometric=True``);
   - minimality: CLD with an unconditional VAE's posteriors of x and x* (``vae``);
@@ -20,6 +20,17 @@ the synchronised metrics equal the single-process ones.
 
 Counterfactual parents are the model's ``counterfactual_parents(pa, do)`` when it has one (an SCM that
 propagates do(thickness) to intensity), else the parents with ``do`` applied.
+
+Reversibility goes back from the x* that every other metric judges. Until this was so, it made its own x*
+(``callbacks.metrics.composition.reversibility`` without ``x_star``), one more counterfactual call per
+intervened parent. For a deterministic model (IFcVAE-GAN, CDVAE-GAN and its VAE and VAE-GAN baselines, the
+BiGANs, the reference counterfactuals, x* = x) the two x* are the same image and every number is unchanged
+(tested). For a model that draws noise while it evaluates (the conditional VAEs and HVAEs, whose abduction
+samples z at ``latent_temperature`` > 0, and any model whose SCM abducts binary or categorical parents by
+Gumbel-max noise) the numbers move, because the forked evaluation RNG is consumed one call earlier from the
+first way back on: reversibility of every parent, and effectiveness, morphometric effectiveness, CLD and the
+true-counterfactual error of every parent after the first of ``intervene``, and FID (its set holds every
+parent's x*). Composition, computed first in each batch, and the first parent's x* are unchanged.
 
 Logged keys (``stage`` is ``val`` or ``test``)::
 
@@ -377,7 +388,7 @@ class CounterfactualMetrics(StagedEvaluation):
             drawn = intervention(position, target)
             cf_pa = drawn.cf_pa
             x_cf = subject.counterfactual(x, pa, drawn.do)
-            m[f"reversibility/{target}"].update(subject, x, pa, cf_pa, index)
+            m[f"reversibility/{target}"].update(subject, x, pa, cf_pa, index, x_star=x_cf)
             if "effectiveness" in m:
                 m["effectiveness"].update(self._predictors.predict_parents(x_cf, cf_pa), cf_pa, target)
             if "morpho_effectiveness" in m:

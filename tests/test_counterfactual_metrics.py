@@ -239,3 +239,68 @@ def test_the_image_is_predicted_from_the_judged_parents(tmp_path):
     results = _run(NoisyPropagationModel(), tmp_path)
     assert results["test/effectiveness/do_b/c"] == pytest.approx(0.0, abs=1e-6)
     assert results["test/effectiveness/do_b/b"] == 1.0
+
+
+class BrighteningModel(WritingModel):
+    """Deterministic and not exact: writes the parents and brightens the texture by the continuous parent, so
+    that reversibility is not 0 and depends on the x* it starts from."""
+
+    def predict(self, noise, pa):
+        out = noise.clone()
+        out[:, :, 1:] = (noise[:, :, 1:] + 0.1 * pa["c"].view(-1, 1, 1, 1)).clamp(0, 1)
+        return _write(out, pa)
+
+
+def _with_references(model: CounterfactualModule, root) -> dict[str, float]:
+    from callbacks.references import ReferenceCounterfactuals
+
+    callback = CounterfactualMetrics(predictors=ReadingPredictors(), vae=PixelVAE(), composition_m=(1, 2),
+                                     distances=("l1", "embedding"), fid="fid_domain", fid_real="eval")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         callbacks=[callback, ReferenceCounterfactuals(retrieval_resolution=2)],
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=root)
+    trainer.test(model, datamodule=PixelParentsData(), verbose=False)
+    return callback.results["test"]
+
+
+@pytest.mark.parametrize("model", [BrighteningModel, LazyModel], ids=["deterministic", "copy"])
+def test_deterministic_models_score_as_when_reversibility_made_its_own_x_star(model, tmp_path, monkeypatch):
+    from callbacks.metrics.composition import Reversibility
+
+    reused = _with_references(model(), tmp_path / "reused")
+    update = Reversibility.update
+    monkeypatch.setattr(Reversibility, "update", lambda self, subject, x, pa, do, index=None, x_star=None:
+                        update(self, subject, x, pa, do, index))  # the callback before x* was passed on
+    remade = _with_references(model(), tmp_path / "remade")
+    assert reused == remade  # bit for bit, the references (x* = x, mean, retrieval) included
+    assert {"identity", "mean", "retrieval"} == {k.split("/")[2] for k in reused if "/reference/" in k}
+    if model is BrighteningModel:
+        assert reused["test/reversibility/c/l1"] > 0
+
+
+class RecordingModel(BrighteningModel):
+    """Records every counterfactual call (its input and output) and adds fresh noise to each output: a stochastic
+    model, whose second x* would differ from the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def counterfactual(self, x, pa, do):
+        out = super().counterfactual(x, pa, do) + torch.rand_like(x) / 64
+        self.calls.append((x, out))
+        return out
+
+
+def test_reversibility_goes_back_from_the_judged_x_star(tmp_path):
+    model = RecordingModel()
+    callback = CounterfactualMetrics(composition_m=(1,), per_sample_csv=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[callback], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.test(model, datamodule=PixelParentsData(), verbose=False)
+    # per batch: composition^1 (1 call), then per parent b, c: x* and the way back from that very x* (2 calls)
+    batches = -(-N // 5)
+    assert len(model.calls) == batches * 5
+    for first in range(0, len(model.calls), 5):
+        for x_star_call in (first + 1, first + 3):
+            assert model.calls[x_star_call + 1][0] is model.calls[x_star_call][1]

@@ -290,3 +290,31 @@ def test_two_processes_equal_one_process() -> None:
             assert torch.equal(result[key], value), key
     assert single["reversibility/per_sample/l1"].numel() == 7
     assert single["composition/l1/10"] == 10 * single["composition/l1/1"]
+
+
+class CountingShiftModel(ShiftModel):
+    """ShiftModel that counts its counterfactual calls."""
+
+    calls = 0
+
+    def counterfactual(self, x, pa, do):
+        self.calls += 1
+        return super().counterfactual(x, pa, do)
+
+
+def test_reversibility_from_a_given_x_star() -> None:
+    x, pa, do = _data()
+    model = CountingShiftModel()
+    x_star = model.counterfactual(x, pa, do)
+    model.calls = 0
+    given = reversibility(model, x, pa, do, x_star=x_star)["l1"]
+    assert model.calls == 1  # the way back only
+    assert torch.equal(given, reversibility(model, x, pa, do)["l1"])
+    assert model.calls == 3
+    # the way back starts from the x* given, whatever it is: from x* = x only the way back's c(1 + a*) is left
+    assert torch.equal(reversibility(model, x, pa, do, x_star=x)["l1"], 255 * C * (1 + do["a"]).double())
+    metric = Reversibility()
+    metric.update(model, x, pa, do, x_star=x_star)
+    torch.testing.assert_close(metric.compute()["l1"], given.mean())
+    with pytest.raises(ValueError, match="x_star must have the images' shape"):
+        reversibility(model, x, pa, do, x_star=x[:2])

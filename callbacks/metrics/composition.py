@@ -125,10 +125,15 @@ def reversibility(
     pa: Mapping[str, Tensor],
     do: Mapping[str, Tensor],
     distances: Mapping[str, Distance] | None = None,
+    x_star: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-image ``d(x, x**)`` after do(pa*) and back to do(pa): ``{name: [B]}``.
 
     :param do: the intervention, name -> value [B]; its names must be parents.
+    :param x_star: the counterfactual ``model.counterfactual(x, pa, do)`` when the caller has already made it
+        (the metrics callback judges that same x* for effectiveness, minimality and realism): only the way back
+        is then computed. ``None`` makes x* here. For a stochastic model the two differ: a second x* is another
+        draw of the model's noise, and the way back then starts from an image no other metric saw.
     """
     distances = _default_distances(distances)
     if not do:
@@ -136,8 +141,11 @@ def reversibility(
     unknown = set(do) - set(pa)
     if unknown:
         raise KeyError(f"intervention on unknown attribute(s) {sorted(unknown)}; parents are {sorted(pa)}")
+    if x_star is not None and x_star.shape != x.shape:
+        raise ValueError(f"x_star must have the images' shape {tuple(x.shape)}, got {tuple(x_star.shape)}")
     with evaluating(model):
-        x_star = model.counterfactual(x, pa, do)
+        if x_star is None:
+            x_star = model.counterfactual(x, pa, do)
         x_back = model.counterfactual(x_star, {**pa, **do}, {name: pa[name] for name in do})
     with evaluating(*_distance_modules(distances)):
         return {name: d(x, x_back) for name, d in distances.items()}
@@ -266,7 +274,8 @@ class Composition(_PerImageMeans):
 class Reversibility(_PerImageMeans):
     """Reversibility over a set: mean (and std) over images of ``d(x, x**)``, x** = back from do(pa*) to pa.
 
-    ``update(model, x, pa, do, index=None)``; ``compute()`` returns ``{"l1": ..., "l1/std": ..., ...}``.
+    ``update(model, x, pa, do, index=None, x_star=None)``; ``compute()`` returns ``{"l1": ..., "l1/std": ...,
+    ...}``. ``x_star``: the counterfactual already made from ``(x, pa, do)``, see :func:`reversibility`.
     One instance per kind of intervention (e.g. per intervened attribute) keeps the sets apart.
     """
 
@@ -283,5 +292,6 @@ class Reversibility(_PerImageMeans):
         pa: Mapping[str, Tensor],
         do: Mapping[str, Tensor],
         index: Tensor | None = None,
+        x_star: Tensor | None = None,
     ) -> None:
-        self._accumulate(reversibility(model, x, pa, do, self._distance_map()), index)
+        self._accumulate(reversibility(model, x, pa, do, self._distance_map(), x_star), index)
