@@ -6,6 +6,14 @@ images, edits them with ``do(attr=0)`` and ``do(attr=1)`` through the :class:`Co
 scores the edits with an independent, frozen oracle classifier, and compares the model's flip
 ``do(attr=1-y)`` with the DataModule's ground-truth counterfactual when the data is synthetic.
 
+One callback edits one attribute (``attribute: Smiling``) or a list (``attributes: [Bangs, ...]``, CDVAE-GAN's
+Table 3). A list gives every attribute exactly the keys and values of one callback per attribute: each
+attribute's edits are made from the model's evaluation RNG in the state a callback of its own would have had
+(the same batch seed, the same calls before the edits), and the oracle is loaded once per attribute from the
+global RNG, as that many callbacks did (``load_oracle``). What does not depend on the attribute (the
+reconstruction, the model's and the oracle's predictions on x, the references' reconstructions) is computed
+once per batch.
+
 Logged keys (``stage`` is ``val`` or ``test``, ``attr`` the attribute's name) and their names in the paper:
 
 ==================================  =====================================================================
@@ -19,6 +27,8 @@ key                                 meaning
 ``{stage}/edit/{attr}/C_pos_all``   as ``C_pos_paper`` over all inputs
 ``{stage}/edit/{attr}/C_neg_all``   as ``C_neg_paper`` over all inputs
 ``{stage}/edit/{attr}/n_paper``     number of inputs with true ``attr=1`` (the paper protocol's sample size)
+``{stage}/edit/{attr}/flip_acc``    flips do(attr=1-y) of all inputs the oracle assigns to 1 - y (CDVAE-GAN
+                                    Table 3)
 ``{stage}/acc/E_y/{attr}``          accuracy of the model's own classifier on real images (paper: Acc.
                                     (E_y,φ)); only for models that implement ``predict_attributes``
 ``{stage}/acc/oracle/{attr}``       accuracy of the oracle on real images (shows it can be trusted)
@@ -31,7 +41,23 @@ key                                 meaning
 ``{stage}/leakage/{attr}/probe_bacc`` balanced accuracy of a fresh linear probe reading the attribute from
                                     the abducted code (``callbacks.metrics.leakage``; 0.5 = none left);
                                     only with ``leakage_probe=True``
+``{stage}/preservation/{attr}/{b}`` share of flips do(attr=1-y) on which the preservation oracle reads the
+                                    true value of attribute ``b``; ``.../mean`` over the judged ``b``
+``{stage}/edit/{attr}/sr_plus``     with ``scores: [sr]``: SR(+), the share of swaps 0 -> 1 (do(attr=1) of
+                                    the inputs without it) the oracle accepts (CVQVAE §3;
+                                    ``callbacks.metrics.scores.SwapSuccessRate``)
+``{stage}/edit/{attr}/sr_minus``    SR(−), the same of the swaps 1 -> 0 (equal to ``C_neg_paper``)
+``{stage}/edit/{attr}/sr``          SR = (SR(+) + SR(−)) / 2 (CVQVAE Table 3)
+``{stage}/edit/{attr}/cfd``         with ``scores: [cfd]``: CFD, the mean L2 distance between the oracle's
+                                    last-layer outputs (``oracle(x)``, its logits) on a real image and on the
+                                    swap that took its class, over seeded random pairs of one image of each
+                                    class (``PairedClassifierFeatureDistance``; lower is better)
+``{stage}/bca/E_y/{attr}``          with ``scores: [bca]``: balanced accuracy (mean of the two class recalls)
+                                    of the model's own classifier on real images (CVQVAE's BCA); only for
+                                    models that implement ``predict_attributes``
 ``{stage}/n_images``                number of images evaluated
+``{stage}/reference/{name}/...``    the keys above (but the accuracies on real images, E_y's and the
+                                    leakage probe) for each reference counterfactual (``callbacks.references``)
 ==================================  =====================================================================
 
 A probability ``p`` is positive iff ``p > threshold`` (as torchmetrics' ``BinaryAccuracy``). Metrics whose
@@ -72,6 +98,7 @@ from callbacks.metrics.editing import (
     TrueCounterfactualSplitError,
 )
 from callbacks.metrics.leakage import LinearProbeLeakage
+from callbacks.metrics.scores import BalancedAccuracy, PairedClassifierFeatureDistance, SwapSuccessRate
 from callbacks.references import references_of
 from lightning_modules.base import CounterfactualModule
 from lightning_modules.networks.frozen import evaluating
@@ -79,6 +106,8 @@ from lightning_modules.networks.frozen import evaluating
 __all__ = ["AttributeEditingMetrics", "StagedEvaluation", "evaluation_mode", "load_frozen", "load_oracle"]
 
 STAGES = ("val", "test")
+#: the classifier scores of ``callbacks.metrics.scores`` that ``AttributeEditingMetrics(scores=...)`` adds.
+SCORES = ("sr", "cfd", "bca")
 
 
 def load_oracle(path: str | os.PathLike) -> nn.Module:
@@ -112,8 +141,7 @@ def evaluation_mode(module: nn.Module, seed: int | None = None) -> Iterator[None
     are forked, and seeded with ``seed`` when given so that evaluation noise is reproducible; on exit both
     generators and every submodule's train/eval flag are restored.
     """
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda = _cuda_indices(module)
     modes = [(m, m.training) for m in module.modules()]
     with torch.random.fork_rng(devices=cuda), torch.no_grad():
         if seed is not None:
@@ -127,6 +155,12 @@ def evaluation_mode(module: nn.Module, seed: int | None = None) -> Iterator[None
         finally:
             for m, training in modes:
                 m.training = training
+
+
+def _cuda_indices(module: nn.Module) -> list[int]:
+    """The CUDA device of ``module``'s parameters as a list of one index, or [] on the CPU."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
 
 
 def _implements_own_classifier(pl_module: pl.LightningModule) -> bool:
@@ -202,9 +236,12 @@ class StagedEvaluation(pl.Callback):
 
 class AttributeEditingMetrics(StagedEvaluation):
     """Reconstruction MSE, edit success rates Ĉ, classifier accuracies and true-counterfactual errors, for the model
-    and, beside it, for the run's reference counterfactuals (``callbacks.references``).
+    and, beside it, for the run's reference counterfactuals (``callbacks.references``), for one attribute or a list.
 
-    :param attribute: the binary attribute to edit (a parent name of the model and DataModule).
+    :param attribute: the binary attribute to edit (a parent name of the model and DataModule); or
+    :param attributes: several of them (CDVAE-GAN's seven). Every attribute's keys, evaluation noise and oracle
+        load are those of one callback per attribute (see the module docstring); ``{stage}/n_images`` and
+        ``{stage}/mse`` do not depend on the attribute and are logged once.
     :param oracle: checkpoint of the independent classifier (must exist), or an already-built module with
         ``predict_attributes(x) -> {name: probability [B]}``; ``None`` skips the edit success rates.
     :param oracle_experiment: name of the experiment that trains the oracle, quoted in the error message.
@@ -212,7 +249,9 @@ class AttributeEditingMetrics(StagedEvaluation):
     :param every_n_epochs: during ``fit``, run validation metrics after every n-th epoch (``validate`` and
         ``test`` always run).
     :param limit_val_batches: in validation, use only the first n batches of each process (a cheap subset).
-    :param true_counterfactuals: compare with the DataModule's ground-truth counterfactuals when it has them.
+    :param true_counterfactuals: compare with the DataModule's ground-truth counterfactuals when it has them (one
+        attribute only: the keys ``{stage}/true_cf/...`` do not name it; ``CounterfactualMetrics`` logs
+        ``true_cf/do_<attribute>/...`` for each of several).
     :param seed: seed of the (forked) RNG used by the model while it is evaluated here.
     :param leakage_probe: also fit a linear probe that reads the attribute from ``abduct(x, pa)`` (which must
         be one tensor per image): meaningful for models whose code should be free of the attribute, such as
@@ -223,12 +262,17 @@ class AttributeEditingMetrics(StagedEvaluation):
         (``datamodule.attribute_labels``), ``{stage}/preservation/{attribute}/{other}`` = the share of flips
         that keep it, and ``.../mean`` over ``preserved``.
     :param preserved: the attributes judged for preservation (default: every attribute of the preservation
-        oracle but the edited one).
+        oracle but the edited one); with several edited attributes each is judged on the others of the list.
+    :param scores: classifier scores of ``callbacks.metrics.scores`` to add, any of ``sr`` (SR(+), SR(−), SR:
+        ``{stage}/edit/{attr}/sr_plus``, ``sr_minus``, ``sr``), ``cfd`` (``{stage}/edit/{attr}/cfd``; the
+        oracle's forward, its last layer, must be callable) and ``bca`` (``{stage}/bca/E_y/{attr}``, for models
+        with ``predict_attributes``).
+    :param scores_seed: seed of CFD's random pairs.
     """
 
     def __init__(
         self,
-        attribute: str,
+        attribute: str | None = None,
         oracle: str | os.PathLike | nn.Module | None = None,
         oracle_experiment: str | None = None,
         threshold: float = 0.5,
@@ -239,8 +283,17 @@ class AttributeEditingMetrics(StagedEvaluation):
         leakage_probe: bool = False,
         preservation_oracle: str | os.PathLike | nn.Module | None = None,
         preserved: Sequence[str] | None = None,
+        attributes: Sequence[str] | None = None,
+        scores: Sequence[str] = (),
+        scores_seed: int = 0,
     ) -> None:
         super().__init__()
+        if (attribute is None) == (attributes is None):
+            raise ValueError("set exactly one of `attribute` (one attribute to edit) and `attributes` (a list), got "
+                             f"attribute={attribute!r} and attributes={attributes!r}")
+        names = [str(attribute)] if attribute is not None else [str(a) for a in attributes]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"`attributes` must list distinct attribute names, got {names}")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if limit_val_batches is not None and limit_val_batches < 1:
@@ -250,15 +303,24 @@ class AttributeEditingMetrics(StagedEvaluation):
         if preserved is not None and preservation_oracle is None:
             raise ValueError("`preserved` names the attributes a preservation oracle judges: set "
                              "`preservation_oracle` too")
-        if preserved is not None and attribute in preserved:
+        if preserved is not None and attribute is not None and attribute in preserved:
             raise ValueError(f"`preserved` lists the edited attribute {attribute!r}; it changes by design")
-        self.attribute = attribute
+        if true_counterfactuals and len(names) > 1:
+            raise ValueError(f"true_counterfactuals=true logs {{stage}}/true_cf/... once, for one attribute, but "
+                             f"`attributes` lists {len(names)}; set true_counterfactuals: false (CounterfactualMetrics "
+                             "logs true_cf/do_<attribute>/ for each)")
+        unknown = [s for s in scores if s not in SCORES]
+        if unknown:
+            raise ValueError(f"`scores` lists {unknown}; choose among {list(SCORES)}")
+        self.attributes = names
         self.threshold = float(threshold)
         self.every_n_epochs = every_n_epochs
         self.limit_val_batches = limit_val_batches
         self.true_counterfactuals = true_counterfactuals
         self.seed = seed
         self.leakage_probe = leakage_probe
+        self.scores = tuple(dict.fromkeys(str(s) for s in scores))
+        self.scores_seed = scores_seed
         self.oracle_path: Path | None = None
         # The oracle lives on the callback, not on the LightningModule: it is no submodule of the model, so it
         # stays out of the model's state_dict and checkpoints (Callback.state_dict is empty).
@@ -268,14 +330,16 @@ class AttributeEditingMetrics(StagedEvaluation):
         elif oracle is not None:
             self.oracle_path = Path(oracle).expanduser()
             if not self.oracle_path.is_file():
+                what = repr(names[0]) if len(names) == 1 else str(names)
                 how = (f"`make train EXP={oracle_experiment}`" if oracle_experiment
-                       else f"the classifier experiment for {attribute!r} (`make train EXP=<experiment>`)")
+                       else f"the classifier experiment for {what} (`make train EXP=<experiment>`)")
                 raise FileNotFoundError(
                     f"oracle checkpoint {str(self.oracle_path)!r} does not exist; train it with {how}, "
                     f"or set the callback's `oracle` to the checkpoint's path."
                 )
         self._preservation_oracle = _frozen_classifier(preservation_oracle, "preservation_oracle")
         self.preserved = None if preserved is None else [str(a) for a in preserved]
+        self._preserved: dict[str, list[str]] = {}
         self._metrics: dict[str, dict[str, nn.ModuleDict]] = {}
         self._enabled: dict[str, bool] = {}
         self._references: dict[str, nn.Module] = {}
@@ -284,20 +348,36 @@ class AttributeEditingMetrics(StagedEvaluation):
         #: stage -> {key: value} of the last completed evaluation; ``results["test"]`` after ``trainer.test``.
         self.results: dict[str, dict[str, float]] = {}
 
+    @property
+    def attribute(self) -> str:
+        """The edited attribute of a callback that edits one."""
+        if len(self.attributes) != 1:
+            raise AttributeError(f"this callback edits {len(self.attributes)} attributes: read `attributes`")
+        return self.attributes[0]
+
     # -- set-up --------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        loaded = False
         if self._oracle is None and self.oracle_path is not None:
-            self._oracle = load_oracle(self.oracle_path)
+            self._oracle, loaded = load_oracle(self.oracle_path), True
         if self._oracle is not None:
             known = getattr(self._oracle, "attributes", None)
-            if known is not None and self.attribute not in known:
+            missing = [a for a in self.attributes if known is not None and a not in known]
+            if missing:
                 raise ValueError(f"the oracle {self.oracle_path or type(self._oracle).__name__} classifies "
-                                 f"{list(known)}, not {self.attribute!r}")
+                                 f"{list(known)}, not {missing}")
             self._oracle.eval()
             self._oracle.requires_grad_(False)
         self._setup_preservation()
         self._enabled = self._decide_enabled(trainer, pl_module)
         self._references = references_of(trainer) if self._enabled["reconstruction"] else {}
+        if loaded:
+            # One callback per attribute loaded the oracle once each, in this order (the first load, then the
+            # references' pool, then the others), from the global RNG that the published runs' training noise
+            # comes from next (see load_oracle): the same draws keep those runs' random streams. The copies
+            # are the same weights, so one module serves every attribute.
+            for _ in self.attributes[1:]:
+                load_oracle(self.oracle_path)
         if not self._metrics:
             subjects = ["model", *self._references]
             self._metrics = {s: {name: self._build_metrics() for name in subjects} for s in STAGES}
@@ -305,9 +385,9 @@ class AttributeEditingMetrics(StagedEvaluation):
             # Lightning suggests sync_dist=True for every value logged at epoch end under DDP; ours are already
             # synchronised by torchmetrics (and averaging them again could change the last bit), so silence
             # that hint for exactly these keys.
-            attr = re.escape(self.attribute)
-            ours = (rf"(val|test)/(reference/\w+/)?(n_images|mse|edit/{attr}/\w+|acc/(E_y|oracle\w*)/{attr}|"
-                    rf"true_cf/\w+|leakage/{attr}/\w+|preservation/{attr}/\w+)")
+            attr = "|".join(re.escape(a) for a in self.attributes)
+            ours = (rf"(val|test)/(reference/\w+/)?(n_images|mse|edit/({attr})/\w+|acc/(E_y|oracle\w*)/({attr})|"
+                    rf"bca/E_y/({attr})|true_cf/\w+|leakage/({attr})/\w+|preservation/({attr})/\w+)")
             warnings.filterwarnings(
                 "ignore", message=rf"It is recommended to use `self\.log\('{ours}'", category=PossibleUserWarning
             )
@@ -318,38 +398,46 @@ class AttributeEditingMetrics(StagedEvaluation):
             self._skip("preservation", "no preservation oracle given: no preservation of the other attributes")
             return
         known = list(getattr(oracle, "attributes", []) or [])
-        if self.preserved is None:
-            self.preserved = [a for a in known if a != self.attribute]
-        unknown = [a for a in self.preserved if known and a not in known]
+        candidates = self.preserved if self.preserved is not None else known
+        unknown = [a for a in candidates if known and a not in known]
         if unknown:
             raise ValueError(f"`preserved` lists {unknown}, which the preservation oracle does not classify "
                              f"(it classifies {known})")
-        if not self.preserved:
-            raise ValueError(f"the preservation oracle classifies only {known}: nothing besides {self.attribute!r} "
-                             "to judge")
+        for attr in self.attributes:
+            self._preserved[attr] = [a for a in candidates if a != attr]
+            if not self._preserved[attr]:
+                raise ValueError(f"the preservation oracle classifies only {known}: nothing besides {attr!r} "
+                                 "to judge")
+        if self.preserved is None and len(self.attributes) == 1:
+            self.preserved = self._preserved[self.attributes[0]]
         oracle.eval()
         oracle.requires_grad_(False)
 
     def _build_metrics(self) -> nn.ModuleDict:
+        """One subject's metrics: ``n_images`` and ``mse``, then ``<attr>/<name>`` for each attribute."""
         t = self.threshold
-        metrics = {
-            "n_images": SumMetric(),
-            "mse": ReconstructionMSE(),
-            "C_pos_paper": EditSuccessRate(target=1, threshold=t),
-            "C_neg_paper": EditSuccessRate(target=0, threshold=t),
-            "C_pos_all": EditSuccessRate(target=1, threshold=t),
-            "C_neg_all": EditSuccessRate(target=0, threshold=t),
-            "flip_acc": FlipSuccessRate(threshold=t),
-            "n_paper": SumMetric(),
-            "acc_E_y": BinaryAccuracy(threshold=t),
-            "acc_oracle": BinaryAccuracy(threshold=t),
-            "acc_oracle_recon": BinaryAccuracy(threshold=t),
-            "acc_oracle_true_cf": BinaryAccuracy(threshold=t),
-            "true_cf": TrueCounterfactualSplitError(),
-            "leakage": LinearProbeLeakage(),
-        }
-        if self._preservation_oracle is not None:
-            metrics.update({f"preservation/{a}": BinaryAccuracy(threshold=t) for a in self.preserved})
+        metrics: dict[str, nn.Module] = {"n_images": SumMetric(), "mse": ReconstructionMSE()}
+        for a in self.attributes:
+            own = {
+                "C_pos_paper": EditSuccessRate(target=1, threshold=t),
+                "C_neg_paper": EditSuccessRate(target=0, threshold=t),
+                "C_pos_all": EditSuccessRate(target=1, threshold=t),
+                "C_neg_all": EditSuccessRate(target=0, threshold=t),
+                "flip_acc": FlipSuccessRate(threshold=t),
+                "n_paper": SumMetric(),
+                "acc_E_y": BinaryAccuracy(threshold=t),
+                "acc_oracle": BinaryAccuracy(threshold=t),
+                "acc_oracle_recon": BinaryAccuracy(threshold=t),
+                "acc_oracle_true_cf": BinaryAccuracy(threshold=t),
+                "true_cf": TrueCounterfactualSplitError(),
+                "leakage": LinearProbeLeakage(),
+                "sr": SwapSuccessRate(threshold=t),
+                "cfd": PairedClassifierFeatureDistance(seed=self.scores_seed),
+                "bca": BalancedAccuracy(num_classes=2, threshold=t),
+            }
+            if self._preservation_oracle is not None:
+                own.update({f"preservation/{p}": BinaryAccuracy(threshold=t) for p in self._preserved[a]})
+            metrics.update({f"{a}/{name}": metric for name, metric in own.items()})
         return nn.ModuleDict(metrics)
 
     def _decide_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, bool]:
@@ -365,11 +453,17 @@ class AttributeEditingMetrics(StagedEvaluation):
         if not own_classifier:
             self._skip("E_y", f"{type(pl_module).__name__} has no attribute classifier of its own "
                               "(predict_attributes): no E_y accuracy")
+        cfd = "cfd" in self.scores and can_abduct and self._oracle is not None
+        if cfd and getattr(type(self._oracle), "forward", None) is nn.Module.forward:
+            raise ValueError(f"scores: cfd compares the oracle's last-layer outputs, oracle(x), but "
+                             f"{type(self._oracle).__name__} has no forward; drop cfd from the callback's `scores`")
         true_cf = self._true_counterfactuals_available(trainer) and can_abduct
         preservation = can_abduct and self._preservation_oracle is not None and self._labels_available(trainer)
         return {"reconstruction": can_abduct, "edits": can_abduct and self._oracle is not None,
                 "acc_oracle": self._oracle is not None, "acc_E_y": own_classifier, "true_cf": true_cf,
-                "leakage": can_abduct and self.leakage_probe, "preservation": preservation}
+                "leakage": can_abduct and self.leakage_probe, "preservation": preservation,
+                "sr": "sr" in self.scores and can_abduct and self._oracle is not None, "cfd": cfd,
+                "bca": "bca" in self.scores and own_classifier}
 
     def _labels_available(self, trainer: pl.Trainer) -> bool:
         datamodule = trainer.datamodule
@@ -438,64 +532,101 @@ class AttributeEditingMetrics(StagedEvaluation):
     def _update(
         self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Mapping[str, Any], seed: int
     ) -> None:
-        m, enabled, attr = self._metrics[stage]["model"], self._enabled, self.attribute
+        m, enabled = self._metrics[stage]["model"], self._enabled
         x, pa = batch["x"], batch["pa"]
-        y = pa[attr]
-        positive = y > 0.5
+        positive = {a: pa[a] > 0.5 for a in self.attributes}
         m["n_images"].update(torch.tensor(float(x.shape[0]), device=x.device))
         with evaluation_mode(pl_module, seed):
+            # The calls one callback per attribute made in this order from the same seed, up to the edits: they
+            # do not depend on the attribute, so they are made once and the RNG is where each callback had it.
             if enabled["acc_E_y"]:
-                m["acc_E_y"].update(pl_module.predict_attributes(x)[attr], positive.long())
+                own = pl_module.predict_attributes(x)
+                for a in self.attributes:
+                    m[f"{a}/acc_E_y"].update(own[a], positive[a].long())
+                    if enabled["bca"]:
+                        m[f"{a}/bca"].update(own[a], positive[a].long())
             if enabled["acc_oracle"]:
-                m["acc_oracle"].update(self._oracle_probs(x), positive.long())
+                probs = self._oracle.predict_attributes(x)
+                for a in self.attributes:
+                    m[f"{a}/acc_oracle"].update(probs[a], positive[a].long())
             if not enabled["reconstruction"]:
                 return
             x_hat = pl_module.reconstruct(x, pa)
             if enabled["leakage"]:
-                m["leakage"].update(self._code(pl_module, x, pa), y, batch["index"])
-            edit_0 = pl_module.counterfactual(x, pa, {attr: torch.zeros_like(y)})
-            edit_1 = pl_module.counterfactual(x, pa, {attr: torch.ones_like(y)})
+                code = self._code(pl_module, x, pa)
+                for a in self.attributes:
+                    m[f"{a}/leakage"].update(code, pa[a], batch["index"])
+            edits = self._edits(pl_module, x, pa)
         truth = labels = None
         if enabled["true_cf"]:
-            truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {attr: (1.0 - y).cpu()})
+            (attr,) = self.attributes
+            truth = trainer.datamodule.true_counterfactual(batch["index"].cpu(), {attr: (1.0 - pa[attr]).cpu()})
             truth = truth.to(device=x.device, dtype=x.dtype)
         if enabled["preservation"]:
-            labels = trainer.datamodule.attribute_labels(batch["index"].cpu(), self.preserved).to(x.device)
-        self._observe(m, x, positive, x_hat, edit_0, edit_1, truth, labels)
+            judged = list(dict.fromkeys(p for a in self.attributes for p in self._preserved[a]))
+            table = trainer.datamodule.attribute_labels(batch["index"].cpu(), judged).to(x.device)
+            labels = {name: table[:, j] for j, name in enumerate(judged)}
+        index = batch.get("index")
+        self._observe(m, x, positive, x_hat, edits, truth, labels, index)
         if self._evaluates_references(stage):
             for name, reference in self._references.items():
                 with evaluation_mode(reference):
-                    outputs = (reference.reconstruct(x, pa), reference.counterfactual(x, pa, {attr: torch.zeros_like(y)}),
-                               reference.counterfactual(x, pa, {attr: torch.ones_like(y)}))
+                    outputs = reference.reconstruct(x, pa), self._edits(reference, x, pa)
                 self._metrics[stage][name]["n_images"].update(torch.tensor(float(x.shape[0]), device=x.device))
-                self._observe(self._metrics[stage][name], x, positive, *outputs, truth, labels)
+                self._observe(self._metrics[stage][name], x, positive, *outputs, truth, labels, index)
 
-    def _observe(self, m: nn.ModuleDict, x: Tensor, positive: Tensor, x_hat: Tensor, edit_0: Tensor, edit_1: Tensor,
-                 truth: Tensor | None, labels: Tensor | None) -> None:
+    def _edits(self, subject: nn.Module, x: Tensor, pa: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{attr: (do(attr = 0), do(attr = 1))}``, each attribute's pair made from the RNG state of the first:
+        the state in which a callback of that attribute alone made it."""
+        restore = _rng_restorer(subject)
+        edits = {}
+        for a in self.attributes:
+            restore()
+            y = pa[a]
+            edits[a] = (subject.counterfactual(x, pa, {a: torch.zeros_like(y)}),
+                        subject.counterfactual(x, pa, {a: torch.ones_like(y)}))
+        return edits
+
+    def _observe(self, m: nn.ModuleDict, x: Tensor, positive: Mapping[str, Tensor], x_hat: Tensor,
+                 edits: Mapping[str, tuple[Tensor, Tensor]], truth: Tensor | None,
+                 labels: Mapping[str, Tensor] | None, index: Tensor | None) -> None:
         """Update one subject's metrics from its reconstructions and edits (the model's or a reference's)."""
         enabled = self._enabled
         m["mse"].update(x_hat, x)
-        # do(attr = 1 - y) for every input (CDVAE-GAN Table 3): do(0) of the positives, do(1) of the rest
-        flipped = torch.where(positive.view(-1, *([1] * (x.ndim - 1))), edit_0, edit_1)
         with torch.no_grad():
-            if enabled["edits"]:
-                probs_0, probs_1 = self._oracle_probs(edit_0), self._oracle_probs(edit_1)
-                m["C_pos_all"].update(probs_1)
-                m["C_neg_all"].update(probs_0)
-                m["C_pos_paper"].update(probs_1, mask=positive)
-                m["C_neg_paper"].update(probs_0, mask=positive)
-                m["flip_acc"].update(torch.where(positive, probs_0, probs_1), (~positive).float())
-                m["n_paper"].update(positive.sum().to(torch.float32))
-                m["acc_oracle_recon"].update(self._oracle_probs(x_hat), positive.long())
-            if truth is not None:
-                m["true_cf"].update(flipped, truth, x)
+            recon = self._oracle.predict_attributes(x_hat) if enabled["edits"] else None
+            if enabled["cfd"]:
+                outputs_x = self._oracle(x)
+            for a, (edit_0, edit_1) in edits.items():
+                pos = positive[a]
+                # do(attr = 1 - y) for every input (CDVAE-GAN Table 3): do(0) of the positives, do(1) of the rest
+                flipped = torch.where(pos.view(-1, *([1] * (x.ndim - 1))), edit_0, edit_1)
                 if enabled["edits"]:
-                    m["acc_oracle_true_cf"].update(self._oracle_probs(truth), (~positive).long())
-            if labels is not None:
-                with evaluating(self._preservation_oracle):
-                    probs = self._preservation_oracle.predict_attributes(flipped)
-                for j, name in enumerate(self.preserved):
-                    m[f"preservation/{name}"].update(probs[name], labels[:, j].long())
+                    probs_0, probs_1 = self._oracle_probs(edit_0, a), self._oracle_probs(edit_1, a)
+                    m[f"{a}/C_pos_all"].update(probs_1)
+                    m[f"{a}/C_neg_all"].update(probs_0)
+                    m[f"{a}/C_pos_paper"].update(probs_1, mask=pos)
+                    m[f"{a}/C_neg_paper"].update(probs_0, mask=pos)
+                    m[f"{a}/flip_acc"].update(torch.where(pos, probs_0, probs_1), (~pos).float())
+                    m[f"{a}/n_paper"].update(pos.sum().to(torch.float32))
+                    m[f"{a}/acc_oracle_recon"].update(recon[a], pos.long())
+                if enabled["sr"]:
+                    # a swap 0 -> 1 is do(1) of an input without the attribute, 1 -> 0 do(0) of one with it
+                    m[f"{a}/sr"].update(probs_1[~pos], probs_0[pos])
+                if enabled["cfd"]:
+                    if index is None:
+                        raise KeyError("scores: cfd pairs images by their dataset row, but the batches carry no "
+                                       "'index'; drop cfd from the callback's `scores`")
+                    m[f"{a}/cfd"].update(index, pos, outputs_x, self._oracle(flipped))
+                if truth is not None:
+                    m[f"{a}/true_cf"].update(flipped, truth, x)
+                    if enabled["edits"]:
+                        m[f"{a}/acc_oracle_true_cf"].update(self._oracle_probs(truth, a), (~pos).long())
+                if labels is not None:
+                    with evaluating(self._preservation_oracle):
+                        probs = self._preservation_oracle.predict_attributes(flipped)
+                    for name in self._preserved[a]:
+                        m[f"{a}/preservation/{name}"].update(probs[name], labels[name].long())
 
     @staticmethod
     def _code(pl_module: pl.LightningModule, x: Tensor, pa: Mapping[str, Tensor]) -> Tensor:
@@ -505,38 +636,51 @@ class AttributeEditingMetrics(StagedEvaluation):
                             f"image, got {type(code).__name__}; set the callback's leakage_probe to false")
         return code
 
-    def _oracle_probs(self, x: Tensor) -> Tensor:
-        return self._oracle.predict_attributes(x)[self.attribute]
+    def _oracle_probs(self, x: Tensor, attribute: str) -> Tensor:
+        return self._oracle.predict_attributes(x)[attribute]
 
     def _compute(self, m: nn.ModuleDict, stage: str, model: bool) -> dict[str, Tensor]:
         """One subject's values; every process computes the same metrics in the same order (a collective)."""
-        enabled, attr = self._enabled, self.attribute
+        enabled = self._enabled
         computed: dict[str, Tensor] = {f"{stage}/n_images": m["n_images"].compute()}
         if enabled["reconstruction"]:
             computed[f"{stage}/mse"] = m["mse"].compute()
+        for attr in self.attributes:
+            computed.update(self._compute_attribute(m, stage, model, attr))
+        for metric in m.values():
+            metric.reset()
+        return computed
+
+    def _compute_attribute(self, m: nn.ModuleDict, stage: str, model: bool, attr: str) -> dict[str, Tensor]:
+        enabled, computed = self._enabled, {}
         if enabled["edits"]:
             for name in ("C_pos_paper", "C_neg_paper", "C_pos_all", "C_neg_all", "n_paper", "flip_acc"):
-                computed[f"{stage}/edit/{attr}/{name}"] = m[name].compute()
+                computed[f"{stage}/edit/{attr}/{name}"] = m[f"{attr}/{name}"].compute()
+        if enabled["sr"]:
+            for name, value in m[f"{attr}/sr"].compute().items():
+                computed[f"{stage}/edit/{attr}/{name}"] = value
+        if enabled["cfd"]:
+            computed[f"{stage}/edit/{attr}/cfd"] = m[f"{attr}/cfd"].compute()
         if enabled["acc_E_y"] and model:
-            computed[f"{stage}/acc/E_y/{attr}"] = m["acc_E_y"].compute()
+            computed[f"{stage}/acc/E_y/{attr}"] = m[f"{attr}/acc_E_y"].compute()
+        if enabled["bca"] and model:
+            computed[f"{stage}/bca/E_y/{attr}"] = m[f"{attr}/bca"].compute()
         if enabled["acc_oracle"] and model:
-            computed[f"{stage}/acc/oracle/{attr}"] = m["acc_oracle"].compute()
+            computed[f"{stage}/acc/oracle/{attr}"] = m[f"{attr}/acc_oracle"].compute()
         if enabled["edits"]:
-            computed[f"{stage}/acc/oracle_on_recon/{attr}"] = m["acc_oracle_recon"].compute()
+            computed[f"{stage}/acc/oracle_on_recon/{attr}"] = m[f"{attr}/acc_oracle_recon"].compute()
             if enabled["true_cf"] and model:
-                computed[f"{stage}/acc/oracle_on_true_cf/{attr}"] = m["acc_oracle_true_cf"].compute()
+                computed[f"{stage}/acc/oracle_on_true_cf/{attr}"] = m[f"{attr}/acc_oracle_true_cf"].compute()
         if enabled["true_cf"]:
-            for name, value in m["true_cf"].compute().items():
+            for name, value in m[f"{attr}/true_cf"].compute().items():
                 computed[f"{stage}/true_cf/{name}"] = value
         if enabled["leakage"] and model:
-            computed[f"{stage}/leakage/{attr}/probe_bacc"] = m["leakage"].compute()
+            computed[f"{stage}/leakage/{attr}/probe_bacc"] = m[f"{attr}/leakage"].compute()
         if enabled["preservation"]:
-            kept = {name: m[f"preservation/{name}"].compute() for name in self.preserved}
+            kept = {name: m[f"{attr}/preservation/{name}"].compute() for name in self._preserved[attr]}
             for name, value in kept.items():
                 computed[f"{stage}/preservation/{attr}/{name}"] = value
             computed[f"{stage}/preservation/{attr}/mean"] = torch.stack([v.double() for v in kept.values()]).mean()
-        for metric in m.values():
-            metric.reset()
         return computed
 
     def _finish(self, stage: str, pl_module: pl.LightningModule) -> dict[str, float]:
@@ -546,6 +690,19 @@ class AttributeEditingMetrics(StagedEvaluation):
             self._metrics[stage][name], stage, model=False)))
         self.results[stage] = values
         return values
+
+
+def _rng_restorer(module: nn.Module) -> Callable[[], None]:
+    """A function that puts the CPU generator and ``module``'s CUDA generator back in their present state."""
+    cpu, cuda = torch.get_rng_state(), _cuda_indices(module)
+    states = {index: torch.cuda.get_rng_state(index) for index in cuda}
+
+    def restore() -> None:
+        torch.set_rng_state(cpu)
+        for index, state in states.items():
+            torch.cuda.set_rng_state(state, index)
+
+    return restore
 
 
 def _frozen_classifier(spec: str | os.PathLike | nn.Module | None, what: str) -> nn.Module | None:

@@ -126,7 +126,7 @@ def _reads(name: str, key: str) -> bool:
     from configs.loader import compose
 
     data = compose(name).choices.data
-    return {"celeba": data == "celeba", "chexpert": data == "chexpert", "morpho": data == "morphomnist"}[key]
+    return {"celeba": data in ("celeba", "celeba_38"), "chexpert": data == "chexpert", "morpho": data == "morphomnist"}[key]
 
 
 def _truncate_idx(env: Env) -> list[str]:
@@ -372,7 +372,7 @@ OPTIONS = [  # (experiment, the option naming a checkpoint, overrides that make 
     ("ifcvae_smiling", "callbacks.editing_metrics.oracle", []),
     ("ifcvae_smiling", "callbacks.editing_metrics.preservation_oracle", []),
     ("cdvaegan_celeba", "callbacks.counterfactual_metrics.fid_features",
-     ["callbacks.editing_Bangs.oracle={oracle}", "callbacks.counterfactual_metrics.fid=fid_domain"]),
+     ["callbacks.editing_metrics.oracle={oracle}", "callbacks.counterfactual_metrics.fid=fid_domain"]),
 ]
 
 

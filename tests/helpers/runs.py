@@ -22,9 +22,9 @@ def tiny_overrides(name: str, tmp: Path, celeba_root: Path | None = None, oracle
         "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
         "data.num_workers=0", "data.batch_size=8", "data.image_size=32",
     ]
-    if choices.data == "synthetic_faces":
+    if choices.data in ("synthetic_faces", "synthetic_faces_38"):
         args += ["data.builder.n_train=48", "data.builder.n_val=16", "data.builder.n_test=16"]
-    elif choices.data == "celeba":
+    elif choices.data in ("celeba", "celeba_38"):
         if celeba_root is None:
             raise ValueError(f"{name} reads CelebA: pass celeba_root")
         args += [f"data.root={celeba_root}"]
