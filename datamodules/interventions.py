@@ -22,7 +22,7 @@ evaluation draws exactly the interventions of a single-process one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,28 +109,47 @@ def single_parent(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], tar
 
 
 def multi_parent(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], targets: Sequence[str],
-                 generator: torch.Generator, pools: Mapping[str, Tensor] | None = None) -> Intervention:
-    """do(each target = a new value) jointly, for every sample; targets are drawn in the order given."""
+                 generator: torch.Generator | None, pools: Mapping[str, Tensor] | None = None,
+                 uniforms: Callable[[int], Tensor] | None = None) -> Intervention:
+    """do(each target = a new value) jointly, for every sample; targets are drawn in the order given.
+
+    ``uniforms(stream)``, when given, returns one uniform per sample for a stream number (e.g.
+    :func:`per_sample_uniforms` of the rows); target ``i`` is drawn from stream ``i`` instead of ``generator``.
+    """
     by_name = {a.name: a for a in attributes}
     unknown = [t for t in targets if t not in by_name]
     if unknown or not targets:
         raise ValueError(f"targets must be parents among {list(by_name)}, got {list(targets)}")
     values, mask = {}, {}
-    for name in targets:
+    for i, name in enumerate(targets):
         pool = None if pools is None else pools.get(name)
-        values[name] = draw_new_values(by_name[name], pa[name], generator, pool)
+        u = None if uniforms is None else uniforms(i)
+        values[name] = draw_new_values(by_name[name], pa[name], generator, pool, u)
         mask[name] = torch.ones(len(values[name]), dtype=torch.bool)
     return Intervention(values, mask)
 
 
-def random_parents(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], generator: torch.Generator,
-                   pools: Mapping[str, Tensor] | None = None, p: float = 0.5) -> Intervention:
+def random_parents(attributes: Sequence[Attribute], pa: Mapping[str, Tensor], generator: torch.Generator | None,
+                   pools: Mapping[str, Tensor] | None = None, p: float = 0.5,
+                   uniforms: Callable[[int], Tensor] | None = None) -> Intervention:
     """Each parent intervened on with probability ``p``, independently per sample, at least one per sample
-    (a sample that drew none gets one parent chosen uniformly)."""
+    (a sample that drew none gets one parent chosen uniformly).
+
+    With ``uniforms(stream)`` (one uniform per sample and stream) instead of ``generator``: parent ``j``'s new
+    value comes from stream ``j``, whether it is chosen from stream ``K + j`` and the fallback parent from
+    stream ``2K`` (``K`` parents), so a sample's intervention depends on its row only.
+    """
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"p must be in (0, 1], got {p}")
     names = [a.name for a in attributes]
-    n = len(pa[names[0]])
-    chosen = torch.rand((n, len(names)), generator=generator) < p
-    empty = torch.nonzero(~chosen.any(1)).reshape(-1)
-    chosen[empty, torch.randint(len(names), (len(empty),), generator=generator)] = True
-    full = multi_parent(attributes, pa, names, generator, pools)
+    n, k = len(pa[names[0]]), len(names)
+    if uniforms is None:
+        chosen = torch.rand((n, k), generator=generator) < p
+        empty = torch.nonzero(~chosen.any(1)).reshape(-1)
+        chosen[empty, torch.randint(k, (len(empty),), generator=generator)] = True
+    else:
+        chosen = torch.stack([uniforms(k + j) < p for j in range(k)], dim=1)
+        empty = torch.nonzero(~chosen.any(1)).reshape(-1)
+        chosen[empty, _choose(k, len(empty), None, uniforms(2 * k)[empty])] = True
+    full = multi_parent(attributes, pa, names, generator, pools, uniforms)
     return Intervention(full.values, {name: chosen[:, j] for j, name in enumerate(names)})

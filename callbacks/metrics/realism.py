@@ -363,7 +363,10 @@ class KID(_FeatureMetric):
     """KID over all features seen since the last reset: ``compute()`` returns ``(mean, std)`` over subsets.
 
     Memory grows with the number of images (features are kept; ``cat`` states). ``subset_size`` must not
-    exceed either set's size (torch-fidelity's default is 1000 with 100 subsets).
+    exceed either set's size (torch-fidelity's default is 1000 with 100 subsets), unless ``clip_subset_size``:
+    then each compute uses min(subset_size, n_real, n_fake) and records it in ``last_subset_size`` (a small
+    validation subset still gets a value; compare KIDs of one subset size only). ``reset_real=False`` keeps the
+    real features across ``reset()``, as :class:`FID` keeps its real moments.
     """
 
     def __init__(
@@ -376,6 +379,8 @@ class KID(_FeatureMetric):
         gamma: float | None = None,
         coef: float = 1.0,
         seed: int = 0,
+        reset_real: bool = True,
+        clip_subset_size: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(extractor, model, **kwargs)
@@ -383,6 +388,8 @@ class KID(_FeatureMetric):
             raise ValueError(f"need subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
         self.name = extractor.replace("fid_", "kid_")
         self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+        self.reset_real, self.clip_subset_size = reset_real, clip_subset_size
+        self.last_subset_size: int | None = None
         self.kernel = {"degree": degree, "gamma": gamma, "coef": coef}
         self.add_state("real_features", [], dist_reduce_fx="cat")
         self.add_state("fake_features", [], dist_reduce_fx="cat")
@@ -392,6 +399,23 @@ class KID(_FeatureMetric):
             raise ValueError(f"expected features [B, D], got {tuple(features.shape)}")
         (self.real_features if real else self.fake_features).append(features.to(torch.float64))
 
+    @property
+    def has_real(self) -> bool:
+        """Whether real images have been seen since the last reset that cleared them."""
+        return len(self.real_features) > 0
+
+    def copy_real(self, other: KID) -> None:
+        """Take ``other``'s real features (this process's share): the same real set for another fake set."""
+        self.real_features = [f.clone() for f in other.real_features]
+
+    def reset(self) -> None:
+        kept = None if self.reset_real else list(self.real_features)
+        super().reset()
+        if kept is not None:
+            self.real_features = kept
+
     def compute(self) -> tuple[Tensor, Tensor]:
         real, fake = dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features)
-        return kid_subsets(real, fake, self.subsets, self.subset_size, self.seed, **self.kernel)
+        size = min(self.subset_size, real.shape[0], fake.shape[0]) if self.clip_subset_size else self.subset_size
+        self.last_subset_size = size
+        return kid_subsets(real, fake, self.subsets, size, self.seed, **self.kernel)
