@@ -336,3 +336,29 @@ def test_a_list_of_attributes_is_checked():
         AttributeEditingMetrics(attributes=[ATTR, ATTR])
     with pytest.raises(ValueError, match="true_counterfactuals=true logs"):
         AttributeEditingMetrics(attributes=[ATTR, OTHER])
+
+
+# -- from an experiment's config -----------------------------------------------------------------------------
+@pytest.mark.parametrize("experiment, overrides, check", [
+    ("cvae_morphomnist_synth", ["callbacks.counterfactual_metrics.kid=true"], lambda c: c.kid),
+    ("cvae_morphomnist_synth", ["callbacks.counterfactual_metrics.distances=[l1,vgg16]"],
+     lambda c: c.distance_names == ("l1", "vgg16")),
+    ("cvae_morphomnist_synth", ["callbacks.counterfactual_metrics.multi_parent=[[thickness,intensity]]"],
+     lambda c: c.multi_parent == [["thickness", "intensity"]]),
+    ("cvae_morphomnist_synth", ["callbacks.counterfactual_metrics.random_parents=0.5"],
+     lambda c: c.random_parents == 0.5),
+    ("ifcvae_smiling_synth", ["callbacks.editing_metrics.scores=[sr,cfd,bca]"],
+     lambda c: c.scores == ("sr", "cfd", "bca")),
+])
+def test_each_option_is_switched_on_from_an_experiments_config(experiment, overrides, check, tmp_path):
+    from configs.loader import compose, instantiate
+
+    cfg = compose(experiment, overrides)
+    key = overrides[0].split(".")[1]
+    node = cfg.callbacks[key]
+    # checkpoints the callback would load are not needed to read its options: point them at nothing
+    fields = {k: None for k in ("vae", "oracle", "preservation_oracle") if k in node}
+    if "predictors" in node:
+        fields["predictors"] = ReadingPredictors()
+    callback = instantiate(node, f"callbacks.{key}", **fields)
+    assert check(callback)
