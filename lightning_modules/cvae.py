@@ -49,7 +49,6 @@ image), ``{stage}/nll``, ``{stage}/kl``, ``{stage}/nll_per_pixel``, ``{stage}/lo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -60,6 +59,7 @@ from datamodules.base import Attribute, condition_vector, parents_from_spec
 from lightning_modules.base import CounterfactualModule, network_configs
 from lightning_modules.likelihoods import discretized_gaussian_nll, to_signed, to_unit
 from lightning_modules.networks.blocks import _plain, build_network
+from lightning_modules.optim import clip_or_skip, warmup_schedule
 from lightning_modules.vae import gaussian_kl_std
 
 NETWORKS = ("encoder", "decoder")
@@ -84,11 +84,6 @@ def negative_elbo(
     return {"total": nll + beta * kl, "nll": nll, "kl": kl}
 
 
-def linear_warmup(warmup_steps: int):
-    """Learning-rate factor min(1, (step + 1) / warmup_steps): linear warm-up, then constant (App. A.2)."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-
-
 class ConditionalVAE(CounterfactualModule):
     """Conditional VAE image mechanism (see the module docstring).
 
@@ -106,7 +101,7 @@ class ConditionalVAE(CounterfactualModule):
     :param lr, weight_decay, betas: AdamW (weight_decay 0 is Adam exactly).
     :param warmup_steps: linear learning-rate warm-up over this many optimizer steps.
     :param grad_clip: clip the gradient norm per pixel (see the module docstring) to this; None: no clipping.
-    :param grad_skip: skip updates whose gradient norm per pixel exceeds this or is not finite; None: never.
+    :param grad_skip: skip updates whose gradient norm per pixel is at least this or is not finite; None: only non-finite ones.
     :param scm, scm_checkpoint: attribute mechanisms (``CounterfactualModule.attach_scm``).
     """
 
@@ -162,7 +157,7 @@ class ConditionalVAE(CounterfactualModule):
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(hp.warmup_steps))
+        scheduler = warmup_schedule(optimizer, hp.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- the model --------------------------------------------------------------------------------------
@@ -201,17 +196,15 @@ class ConditionalVAE(CounterfactualModule):
 
     def _clip_or_skip(self, n_pixels: int) -> torch.Tensor:
         """Clip the gradient norm to ``grad_clip`` and drop the gradients (the step becomes a no-op: AdamW skips
-        parameters without a gradient) when it is not finite or above ``grad_skip``, both per pixel (App. A.2).
+        parameters without a gradient) when it is not finite or at least ``grad_skip``, both per pixel (App. A.2).
         Returns the norm per pixel before clipping."""
-        hp = self.hparams
         params = [p for p in self.parameters() if p.grad is not None]
-        max_norm = math.inf if hp.grad_clip is None else hp.grad_clip * n_pixels
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) / n_pixels
-        if not torch.isfinite(norm) or (hp.grad_skip is not None and norm > hp.grad_skip):
+        norm, apply = clip_or_skip(params, self.hparams.grad_clip, self.hparams.grad_skip, scale=n_pixels)
+        if not apply:
             for p in params:
                 p.grad = None
             self.skipped_updates += 1
-        return norm.detach()
+        return norm
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")

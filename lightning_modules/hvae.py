@@ -52,6 +52,7 @@ from lightning_modules.ema import EMAMixin
 from lightning_modules.likelihoods import discretized_gaussian_nll, to_signed, to_unit
 from lightning_modules.networks.blocks import _plain, build_network, network_config
 from lightning_modules.networks.hvae import HVAEOutput
+from lightning_modules.optim import clip_or_skip, warmup_schedule
 
 
 @dataclass
@@ -213,11 +214,8 @@ class ConditionalHVAE(EMAMixin, CounterfactualModule):
         optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             self.manual_backward(loss)
-            params = [p for p in params if p.grad is not None]
-            max_norm = hp.grad_clip if hp.grad_clip is not None else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+            norm, ok = clip_or_skip(params, hp.grad_clip, hp.grad_skip)
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-            ok = bool(torch.isfinite(norm)) and (hp.grad_skip is None or float(norm) < hp.grad_skip)
         else:
             ok = False
         if ok:
@@ -259,5 +257,4 @@ class ConditionalHVAE(EMAMixin, CounterfactualModule):
         return torch.optim.AdamW(params, lr=lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
 
     def _warmup(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-        warmup = max(int(self.hparams.warmup_steps), 0)
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return warmup_schedule(opt, max(int(self.hparams.warmup_steps), 0))

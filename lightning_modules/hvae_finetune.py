@@ -50,6 +50,7 @@ need the pretrained or predictors' files.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -105,6 +106,13 @@ def _require(path: str, what: str, default_experiment: str) -> Path:
     return file
 
 
+#: the ConditionalHVAE options the fine-tuning passes through unchanged, with ConditionalHVAE's defaults (written
+#: once, there).
+_TRAINING_OPTIONS = {name: p.default for name, p in inspect.signature(ConditionalHVAE.__init__).parameters.items()
+                     if name in ("betas", "weight_decay", "warmup_steps", "grad_clip", "grad_skip", "ema_decay",
+                                 "latent_temperature", "residual_temperature", "sample_temperature")}
+
+
 class CounterfactualFinetunedHVAE(ConditionalHVAE):
     """Counterfactual fine-tuning of a pretrained ``ConditionalHVAE`` (see the module docstring).
 
@@ -122,7 +130,9 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
     :param intervention: ``"single_parent"`` or ``"permute"``.
     :param n_bins: bins of continuous parents for ``single_parent`` when the data declares none.
     :param train_latent_temperature, train_residual_temperature: t_z and t_r of the counterfactuals in L_cf.
-    Other parameters: as ``ConditionalHVAE``.
+    Other parameters (``betas``, ``weight_decay``, ``warmup_steps``, ``grad_clip``, ``grad_skip``, ``ema_decay``,
+    the three temperatures): as ``ConditionalHVAE``, with its defaults; the signature lists them (``inspect`` and
+    the config checks see one parameter list).
     """
 
     frozen_parts = ("predictors", "scm")  # the frozen judges stay in eval mode
@@ -144,18 +154,16 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
         n_bins: int = 10,
         train_latent_temperature: float = 1.0,
         train_residual_temperature: float = 1.0,
-        betas: Sequence[float] = (0.9, 0.9),
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
-        grad_clip: float | None = 350.0,
-        grad_skip: float | None = 500.0,
-        ema_decay: float | None = 0.999,
-        latent_temperature: float = 0.1,
-        residual_temperature: float = 1.0,
-        sample_temperature: float = 1.0,
         scm: Mapping[str, Any] | None = None,
         scm_checkpoint: str | None = None,
+        **training: Any,
     ):
+        unknown = [k for k in training if k not in _TRAINING_OPTIONS]
+        if unknown:
+            raise TypeError(f"CounterfactualFinetunedHVAE got unexpected keyword arguments {unknown}; its "
+                            f"ConditionalHVAE options are {list(_TRAINING_OPTIONS)}")
+        training = {**_TRAINING_OPTIONS, **training}
+        ema_decay = training["ema_decay"]
         if intervention not in INTERVENTIONS:
             raise ValueError(f"intervention must be one of {INTERVENTIONS}, got {intervention!r}")
         if lambda_init < 0:
@@ -185,12 +193,8 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
             raise ValueError("CounterfactualFinetunedHVAE needs `predictors` (an AntiCausalPredictor checkpoint)")
 
         beta = 1.0 if beta is None else float(beta)
-        super().__init__(
-            network=network, parents=parents, beta=beta, lr=lr, betas=betas,
-            weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip, grad_skip=grad_skip,
-            ema_decay=ema_decay, latent_temperature=latent_temperature, residual_temperature=residual_temperature,
-            sample_temperature=sample_temperature, scm=scm, scm_checkpoint=scm_checkpoint,
-        )
+        super().__init__(network=network, parents=parents, beta=beta, lr=lr, scm=scm, scm_checkpoint=scm_checkpoint,
+                         **training)
         self.predictors = judge if judge is not None else AntiCausalPredictor(**predictor_config)
         self.predictors.requires_grad_(False).eval()  # Lightning keeps each submodule's mode; train() below too
         unknown = [t for t in self.predictors.targets if t not in {a.name for a in self.attributes}]
@@ -336,3 +340,17 @@ class CounterfactualFinetunedHVAE(ConditionalHVAE):
         opt_lambda = torch.optim.AdamW([self.lmbda], lr=hp.lagrange_lr, betas=tuple(hp.betas), weight_decay=0.0,
                                        maximize=True)
         return [opt_model, opt_lambda], [self._warmup(opt_model)]
+
+
+def _full_signature() -> inspect.Signature:
+    """The class's call signature: the fine-tuning's own parameters, then the ConditionalHVAE options it passes
+    through, keyword-only. Set on the class, not on ``__init__``: Lightning's ``save_hyperparameters`` reads
+    ``__init__``'s real parameters (``**training`` included) from its frame."""
+    own = inspect.signature(CounterfactualFinetunedHVAE.__init__)
+    hvae = inspect.signature(ConditionalHVAE.__init__).parameters
+    params = [p for name, p in own.parameters.items() if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [hvae[name].replace(kind=inspect.Parameter.KEYWORD_ONLY) for name in _TRAINING_OPTIONS]
+    return own.replace(parameters=params)
+
+
+CounterfactualFinetunedHVAE.__signature__ = _full_signature()

@@ -11,7 +11,8 @@ import pytorch_lightning as pl
 import torch
 
 from configs.loader import compose, instantiate
-from lightning_modules.cvae import ConditionalVAE, CVAENoise, linear_warmup, negative_elbo
+from lightning_modules.cvae import ConditionalVAE, CVAENoise, negative_elbo
+from lightning_modules.optim import linear_warmup
 from lightning_modules.likelihoods import discretized_gaussian_nll, to_signed, to_unit
 from lightning_modules.networks.conditional_vae import ConditionalDecoder, ConditionalEncoder
 

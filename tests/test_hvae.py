@@ -337,3 +337,18 @@ def test_missing_pretrained_checkpoint_names_the_experiment_to_train(upstream, t
         CounterfactualFinetunedHVAE(
             pretrained=str(tmp_path / "runs/hvae_morphomnist_synth/latest/checkpoints/last.ckpt"),
             predictors=str(upstream / "predictors.ckpt"))
+
+
+def test_finetuning_passes_the_hvae_options_through_and_names_a_wrong_one(upstream):
+    from configs.loader import ConfigError, instantiate
+
+    model = make_finetune(upstream, grad_clip=123.0, sample_temperature=0.5)
+    assert model.hparams.grad_clip == 123.0 and model.hparams.sample_temperature == 0.5
+    assert model.hparams.warmup_steps == 0  # make_finetune's
+    assert model.hparams.grad_skip == 500.0  # ConditionalHVAE's default, saved with the rest
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['grad_clp'\]"):
+        make_finetune(upstream, grad_clp=1.0)
+    # the config check reads the one parameter list: a misspelt option is named with its likely fix
+    with pytest.raises(ConfigError, match=r"'model.grad_clp' is not a parameter.*grad_clip"):
+        instantiate({"_target_": "lightning_modules.hvae_finetune.CounterfactualFinetunedHVAE", "grad_clp": 1.0},
+                    "model")
