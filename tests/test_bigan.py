@@ -8,6 +8,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from configs.loader import compose, instantiate
@@ -86,6 +87,42 @@ def test_published_networks_map_the_shapes(experiment, shape):
         logits = model.discriminator(x, u, pa)
     assert u.shape == (2, 512) and logits.shape == (2,)
     assert x_rec.shape == x.shape and 0 <= x_rec.min() and x_rec.max() <= 1
+
+
+def _layers(net: nn.Module) -> list[tuple]:
+    """(kind, filters, kernel, stride) of every convolution, the slope of every LeakyReLU, the p of every
+    dropout, in order."""
+    out = []
+    for layer in net.modules():
+        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            out.append((type(layer).__name__, layer.out_channels, layer.kernel_size[0], layer.stride[0]))
+        elif isinstance(layer, nn.LeakyReLU):
+            out.append(("LReLU", layer.negative_slope))
+        elif isinstance(layer, (nn.Dropout, nn.Dropout2d)):
+            out.append(("D", layer.p))
+    return out
+
+
+def test_published_morphomnist_networks_follow_tables_11_to_13():
+    model = instantiate(compose("bigan_morphomnist", ["model.scm_checkpoint=null"]).model, "model")
+    conv = [l for l in _layers(model.encoder) if l[0] == "Conv2d"]
+    # Table 11: 64, 128, 256 (4x4, stride 2), 512, then the 512-d code without activation
+    assert [l[1] for l in conv] == [64, 128, 256, 512, 512] and [l[2] for l in conv[:3]] == [4, 4, 4]
+    assert [l[1] for l in _layers(model.encoder) if l[0] == "LReLU"] == [0.2] * 4
+    generator = _layers(model.generator)
+    # Table 12's depth and LReLU(0.2), the encoder's widths mirrored (configs/model/bigan.yaml says why)
+    assert [l[1] for l in generator if l[0] == "ConvTranspose2d"] == [512, 256, 128, 64]
+    assert [l[1] for l in generator if l[0] == "Conv2d"] == [1]
+    assert [l[1] for l in generator if l[0] == "LReLU"] == [0.2] * 4
+    d = {part: _layers(getattr(model.discriminator, part)) for part in ("dx", "dz", "dxz")}
+    # Table 13: D_x 32, 64, 128, 256, 512; D_z 512, 512; D_xz 1024, 1024, 1; LReLU(0.1); its dropouts
+    assert [l[1] for l in d["dx"] if l[0] == "Conv2d"] == [32, 64, 128, 256, 512]
+    assert [l[1] for l in d["dz"] if l[0] == "Conv2d"] == [512, 512]
+    assert [l[1] for l in d["dxz"] if l[0] == "Conv2d"] == [1024, 1024, 1]
+    assert {l[1] for part in d.values() for l in part if l[0] == "LReLU"} == {0.1}
+    assert [l[1] for l in d["dx"] if l[0] == "D"] == [0.2, 0.2, 0.5, 0.5, 0.5]
+    assert [l[1] for l in d["dz"] if l[0] == "D"] == [0.2, 0.5]
+    assert [l[1] for l in d["dxz"] if l[0] == "D"] == [0.2, 0.2, 0.2]
 
 
 def test_parent_conditioning_reaches_every_network():
