@@ -42,9 +42,8 @@ Deviations from the paper and the official code (every one deliberate):
   for an encoder that outruns A_ψ; see the paragraph below.
 
 Maximising an unbounded BCE (eq. 5) lets the encoder make A_ψ confidently wrong rather than uninformed, and
-an A_ψ at chance during training does not mean that ẑ is free of the attribute: on the synthetic faces a
-fresh linear probe read Smiling from the posterior mean of a trained model at 99% while A_ψ stood at 0.53
-(docs/results.md). ``aux_objective="confusion"`` replaces the encoder's "− L_aux" by the bounded
+an A_ψ at chance during training does not mean that ẑ is free of the attribute (a fresh linear probe,
+``callbacks.metrics.leakage``, tells; docs/results.md has the runs). ``aux_objective="confusion"`` replaces the encoder's "− L_aux" by the bounded
 L_bce(½, A(ẑ)), minimal when A_ψ is uninformed; A_ψ's own update is unchanged. The default is the paper's.
 """
 
