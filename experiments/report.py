@@ -148,9 +148,13 @@ def summary_lines(metrics: Mapping[str, float | None]) -> list[str]:
         rest = key.split("/", 1)[-1]
         if re.fullmatch(r"edit/[^/]+/C_(pos|neg)_paper", rest):
             lines.append(f"  {rest:<34} {_fmt(model[key])}   (x* = x: {_fmt(identity.get(key))})")
+    shown = set()
     for key in sorted(model):
         rest = key.split("/", 1)[-1]
-        if re.fullmatch(r"true_cf/(do_[^/]+/)?(effect|preservation)_mse", rest):
+        kind = rest.rsplit("/", 1)[-1]
+        # the editing and the counterfactual callbacks may report the same flip: one line each
+        if re.fullmatch(r"true_cf/(do_[^/]+/)?(effect|preservation)_mse", rest) and (kind, model[key]) not in shown:
+            shown.add((kind, model[key]))
             lines.append(f"  {rest:<34} {_fmt(model[key])}   (x* = x: {_fmt(identity.get(key))}, "
                          f"mean image: {_fmt(mean.get(key))})")
     for v in verdicts(metrics):

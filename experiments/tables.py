@@ -209,7 +209,8 @@ def with_references(runs: dict[str, tuple[dict, dict]]) -> dict[str, tuple[dict,
         # the morphometric table shows the identity's value in brackets in every row, these included
         metrics.update({k.replace("morpho_effectiveness", "morpho_effectiveness_unchanged"): v
                         for k, v in found.get("identity", {}).items() if "morpho_effectiveness" in k})
-        out[f"*{REFERENCE_LABELS.get(name, name)}* (reference)"] = (metrics, {})
+        label = REFERENCE_LABELS.get(name, name).replace("*", "\\*")  # x* = x, escaped for markdown
+        out[f"*{label}* (reference)"] = (metrics, {})
     return out
 
 

@@ -212,3 +212,13 @@ def test_finite_guard_refuses_to_write_non_finite_weights(tmp_path):
     with pytest.raises(TrainingDiverged, match="refusing to write a checkpoint at step 1: weight w is not finite"):
         trainer.save_checkpoint(tmp_path / "x.ckpt")
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_first_non_finite_names_the_tensor_and_ignores_an_overflowing_total():
+    from callbacks.run_guards import first_non_finite
+
+    big = torch.full((4,), 3e38)  # finite weights whose sum overflows float32
+    assert first_non_finite([("a", torch.ones(3)), ("b", big)]) is None
+    assert first_non_finite([("a", torch.ones(3)), ("b", torch.tensor([1.0, float("nan")]))]) == "b"
+    assert first_non_finite([("a", torch.tensor([float("-inf")])), ("b", torch.ones(2))]) == "a"
+    assert first_non_finite([("steps", torch.tensor([3]))]) is None  # integer buffers are not checked

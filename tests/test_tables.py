@@ -53,13 +53,13 @@ def test_reference_rows_and_failures_follow_the_models(tmp_path, capsys):
            "test/reference/identity/true_cf/do_thickness/effect_mse": 0.2001}
     runs = {"good": load(_run(tmp_path / "g", good)), "bad": load(_run(tmp_path / "b", bad))}
     rows = with_references(runs)
-    assert list(rows) == ["good", "bad", "*x* = x* (reference)", "*mean image* (reference)"]
-    assert rows["*x* = x* (reference)"][0]["test/true_cf/do_thickness/effect_mse"] == 0.2
+    assert list(rows) == ["good", "bad", "*x\\* = x* (reference)", "*mean image* (reference)"]
+    assert rows["*x\\* = x* (reference)"][0]["test/true_cf/do_thickness/effect_mse"] == 0.2
     assert "'identity' differs from the first run's" in capsys.readouterr().err
     assert [line.split(":")[0] for line in failures(runs)] == ["- bad"]
     table = effectiveness_table(rows, "morpho_effectiveness").splitlines()
     assert table[2].startswith("| good | 0.200 (0.870) |")
-    assert table[4].startswith("| *x* = x* (reference) | 0.870 (0.870) |")
+    assert table[4].startswith("| *x\\* = x* (reference) | 0.870 (0.870) |")
 
 
 def test_cdvae_tables_put_the_papers_values_beside_ours(tmp_path, capsys):
