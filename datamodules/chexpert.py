@@ -70,7 +70,9 @@ from datamodules.base import (
     Attribute,
     CounterfactualDataModule,
     DatasetError,
+    check_choice,
     check_name,
+    distinct_names,
     equal_width_bins,
     require_columns,
 )
@@ -97,8 +99,6 @@ HOW_TO_GET_CHEXPERT = (
     "embedded chest phantom instead: data=chest_phantom."
 )
 
-_CACHE_MODES = ("auto", "always", "never")
-_SPLIT_MODES = ("official", "random")
 _PATIENT = re.compile(r"(?:^|/)patient(\d+)(?:/|$)")
 
 
@@ -223,8 +223,7 @@ def apply_uncertainty(values: np.ndarray, policy: str) -> tuple[np.ndarray, np.n
 
     Blank is 0; -1 becomes 0 (``zeros`` and ``ignore``, whose rows the caller drops) or 1 (``ones``).
     """
-    if policy not in UNCERTAINTY_POLICIES:
-        raise ValueError(f"uncertainty must be one of {UNCERTAINTY_POLICIES}, got {policy!r}")
+    check_choice(policy, UNCERTAINTY_POLICIES, "uncertainty")
     uncertain = values == -1.0
     labels = (values == 1.0) | (uncertain & (policy == "ones"))
     return labels.astype(np.float32), uncertain
@@ -233,8 +232,7 @@ def apply_uncertainty(values: np.ndarray, policy: str) -> tuple[np.ndarray, np.n
 def select_task(table: CheXpertTable, findings: Sequence[str], task: str, uncertainty: str
                 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(bool keep mask, finding -> float32 0/1 labels) for the rows of one CSV; see the module docstring."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_choice(task, TASKS, "task")
     n = len(table)
     keep = np.ones(n, bool)
     used = list(findings) + (["No Finding"] if task == "pathology_vs_no_finding" else [])
@@ -382,15 +380,10 @@ class CheXpertDataModule(CounterfactualDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, drop_last_train)
         self.save_hyperparameters(ignore=["builder"])
-        names = [str(a) for a in attributes]
+        names = distinct_names(attributes, _check_parent_name)
         if not names:
             raise ValueError("attributes must name at least one parent")
-        for name in names:
-            _check_parent_name(name)
-        if len(set(names)) != len(names):
-            raise ValueError(f"attributes contains duplicates: {names}")
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        check_choice(task, TASKS, "task")
         findings = [n for n in names if n in OBSERVATIONS]
         if task == "pathology_vs_no_finding":
             if not findings:
@@ -399,26 +392,16 @@ class CheXpertDataModule(CounterfactualDataModule):
             if "No Finding" in findings:
                 raise ValueError("'No Finding' defines the negative class of task=pathology_vs_no_finding; it "
                                  "cannot also be a parent (use task=all)")
-        if uncertainty not in UNCERTAINTY_POLICIES:
-            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_POLICIES}, got {uncertainty!r}")
-        if split not in _SPLIT_MODES:
-            raise ValueError(f"split must be one of {_SPLIT_MODES}, got {split!r}")
-        fractions = tuple(float(f) for f in split_fractions)
-        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test) summing "
-                             f"to 1, got {list(split_fractions)}")
-        if split == "official" and fractions[0] + fractions[1] <= 0:
+        check_choice(uncertainty, UNCERTAINTY_POLICIES, "uncertainty")
+        self._set_split_and_cache(split, split_fractions, cache, cache_max_bytes, limit_per_split)
+        if split == "official" and self.split_fractions[0] + self.split_fractions[1] <= 0:
             raise ValueError("split=official cuts train.csv in the ratio of the first two split_fractions; "
                              "they cannot both be 0")
         age_lo, age_hi = (float(a) for a in age_range)
         if not age_hi > age_lo:
             raise ValueError(f"age_range must be [low, high] with low < high, got {list(age_range)}")
-        if cache not in _CACHE_MODES:
-            raise ValueError(f"cache must be one of {_CACHE_MODES}, got {cache!r}")
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        if limit_per_split is not None and limit_per_split < 1:
-            raise ValueError(f"limit_per_split must be positive or None, got {limit_per_split}")
         if balance_attribute is not None:
             _check_parent_name(balance_attribute)
             if balance_attribute not in names or balance_attribute == "Age":
@@ -434,15 +417,9 @@ class CheXpertDataModule(CounterfactualDataModule):
         self.age_range = (age_lo, age_hi)
         self.image_size = int(image_size)
         self.center_crop = bool(center_crop)
-        self.split = split
-        self.split_fractions = fractions
         self.balance_attribute = balance_attribute
-        self.cache = cache
-        self.cache_max_bytes = int(cache_max_bytes)
         self.builder = builder
-        self.limit_per_split = limit_per_split
         self._metadata: _Metadata | None = None
-        self._cached_bytes = 0
         if builder is None:
             self.check_files()
 
