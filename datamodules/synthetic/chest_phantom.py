@@ -58,7 +58,15 @@ from tqdm import tqdm
 
 from datamodules.base import DatasetError
 from datamodules.chexpert import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, write_chexpert_csv
-from datamodules.synthetic.common import intervention_values, read_factors_npz, read_manifest
+from datamodules.synthetic.common import (
+    check_probabilities,
+    intervention_values,
+    options_from,
+    read_factors_npz,
+    read_manifest,
+    row_indices,
+    save_grid,
+)
 
 # Part of the cache key with the builder's parameters: bump it whenever the renderer draws anything differently.
 FORMAT_VERSION = 1
@@ -98,23 +106,16 @@ class PhantomPopulation:
     negative_mentioned: float = 0.35
 
     def __post_init__(self) -> None:
-        for name, p in asdict(self).items():
-            if name in ("cardiomegaly_odds_per_decade", "mean_studies"):
-                if not p > 0 or (name == "mean_studies" and p < 1):
-                    raise ValueError(f"{name} must be positive (mean_studies >= 1), got {p}")
-            elif not 0.0 <= p <= 1.0:
-                raise ValueError(f"population {name}={p} is not a probability in [0, 1]")
+        rates = ("cardiomegaly_odds_per_decade", "mean_studies")
+        for name in rates:
+            p = getattr(self, name)
+            if not p > 0 or (name == "mean_studies" and p < 1):
+                raise ValueError(f"{name} must be positive (mean_studies >= 1), got {p}")
+        check_probabilities({k: p for k, p in asdict(self).items() if k not in rates}, "population")
 
 
 def _as_population(population: Mapping[str, float] | PhantomPopulation | None) -> PhantomPopulation:
-    if population is None:
-        return PhantomPopulation()
-    if isinstance(population, PhantomPopulation):
-        return population
-    unknown = set(population) - set(asdict(PhantomPopulation()))
-    if unknown:
-        raise ValueError(f"unknown population keys {sorted(unknown)}; known: {sorted(asdict(PhantomPopulation()))}")
-    return PhantomPopulation(**{k: float(v) for k, v in dict(population).items()})
+    return options_from(PhantomPopulation, population, "population")
 
 
 def cardiothoracic_ratio(cardiomegaly: Any, ctr_u: Any) -> np.ndarray:
@@ -743,11 +744,7 @@ class ChestPhantomBuilder:
         stored file.
         """
         factors, params = self.load_factors(root)
-        idx = np.asarray(indices.detach().cpu().numpy() if hasattr(indices, "detach") else indices,
-                         np.int64).reshape(-1)
-        n_rows = len(factors["Cardiomegaly"])
-        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
-            raise IndexError(f"indices must lie in [0, {n_rows}) for the phantom in {root}")
+        idx = row_indices(indices, len(factors["Cardiomegaly"]), f"the phantom in {root}")
         unknown = [k for k in do if k not in INTERVENABLE]
         if unknown:
             raise ValueError(f"cannot intervene on {unknown}: the chest phantom models only {', '.join(INTERVENABLE)}")
@@ -772,11 +769,7 @@ def preview_grid(path: str | Path, n: int = 16, image_size: int = 256, seed: int
         for i in clean[: n // 2]:
             row = _row(factors, i)
             tiles += [render(row, image_size, 0.012), render(dict(row, **{name: 1}), image_size, 0.012)]
-    cols = n
-    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % cols)
-    grid = np.concatenate([np.concatenate(tiles[r:r + cols], 1) for r in range(0, len(tiles), cols)], 0)
-    Image.fromarray(grid).save(path)
-    return grid
+    return save_grid(path, tiles, cols=n)
 
 
 def main(argv: list[str] | None = None) -> int:

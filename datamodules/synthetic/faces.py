@@ -60,7 +60,15 @@ from datamodules.celeba_format import (
     write_attributes,
     write_partition,
 )
-from datamodules.synthetic.common import intervention_values, read_factors_npz, read_manifest
+from datamodules.synthetic.common import (
+    check_probabilities,
+    intervention_values,
+    options_from,
+    read_factors_npz,
+    read_manifest,
+    row_indices,
+    save_grid,
+)
 
 # Part of the cache key with the builder's parameters: bump it whenever the renderer draws anything differently,
 # or a dataset built earlier would be reused while true_counterfactual renders with the new drawing.
@@ -114,23 +122,13 @@ class FaceCorrelations:
     hat: float = 0.05
 
     def __post_init__(self) -> None:
-        for name, p in asdict(self).items():
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"correlation {name}={p} is not a probability in [0, 1]")
+        check_probabilities(asdict(self), "correlation")
         if self.black_hair + max(self.blond_hair_if_female, self.blond_hair_if_male) > 1.0:
             raise ValueError("black_hair + blond_hair_if_* must be <= 1: the hair colours are exclusive")
 
 
 def _as_correlations(correlations: Mapping[str, float] | FaceCorrelations | None) -> FaceCorrelations:
-    if correlations is None:
-        return FaceCorrelations()
-    if isinstance(correlations, FaceCorrelations):
-        return correlations
-    unknown = set(correlations) - set(asdict(FaceCorrelations()))
-    if unknown:
-        raise ValueError(f"unknown correlation keys {sorted(unknown)}; known: "
-                         f"{sorted(asdict(FaceCorrelations()))}")
-    return FaceCorrelations(**{k: float(v) for k, v in dict(correlations).items()})
+    return options_from(FaceCorrelations, correlations, "correlation")
 
 
 def sample_factors(n: int, seed: int = 0, correlations: Mapping[str, float] | FaceCorrelations | None = None
@@ -593,11 +591,7 @@ class SyntheticFacesBuilder:
         decodes it.
         """
         factors, params = self.load_factors(root)
-        idx = np.asarray(indices.detach().cpu().numpy() if hasattr(indices, "detach") else indices,
-                         np.int64).reshape(-1)
-        n_rows = len(factors["Smiling"])
-        if idx.size and (idx.min() < 0 or idx.max() >= n_rows):
-            raise IndexError(f"indices must lie in [0, {n_rows}) for the dataset in {root}")
+        idx = row_indices(indices, len(factors["Smiling"]), f"the dataset in {root}")
         unknown = [k for k in do if k not in MODELLED_ATTRIBUTES]
         if unknown:
             raise ValueError(f"cannot intervene on {unknown}: the synthetic faces model only "
@@ -626,11 +620,7 @@ def preview_grid(path: str | Path, n: int = 32, image_size: int = 64, seed: int 
         row = _row(factors, i)
         flipped = dict(row, Smiling=1 - row["Smiling"])
         faces += [render_face(row, image_size, 0.02), render_face(flipped, image_size, 0.02)]
-    cols = 8
-    faces += [np.zeros_like(faces[0])] * (-len(faces) % cols)
-    grid = np.concatenate([np.concatenate(faces[r:r + cols], 1) for r in range(0, len(faces), cols)], 0)
-    Image.fromarray(grid).save(path)
-    return grid
+    return save_grid(path, faces, cols=8)
 
 
 def main(argv: list[str] | None = None) -> int:
