@@ -54,6 +54,7 @@ from datamodules.celeba_format import (
     read_partition,
 )
 
+
 def preprocess(img: Image.Image, image_size: int, crop_size: int | None) -> np.ndarray:
     """Centre crop (optional) and antialiased bicubic resize -> uint8 array [image_size, image_size, 3]."""
     img = img.convert("RGB")

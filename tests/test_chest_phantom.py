@@ -13,15 +13,8 @@ from PIL import Image
 from benchmarks.chest_phantom_ctr import measure_ctr
 from configs.loader import _load_option, instantiate
 from datamodules.base import DatasetError
-from datamodules.chexpert import (
-    OBSERVATIONS,
-    RELEASE_DIR,
-    TRAIN_CSV,
-    VALID_CSV,
-    CheXpertDataModule,
-    preprocess,
-    read_chexpert_csv,
-)
+from datamodules.chexpert import CheXpertDataModule, preprocess
+from datamodules.chexpert_format import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, read_chexpert_csv
 from datamodules.synthetic.chest_phantom import (
     CTR_ENLARGED,
     CTR_NORMAL,

@@ -3,7 +3,7 @@
 CheXpert needs registration, so ``data=chest_phantom`` uses these images instead: the builder writes
 ``train.csv``, ``valid.csv`` (``Path`` values start with ``CheXpert-v1.0-small/``, as in the release) and
 ``train/patientNNNNN/studyN/view1_frontal.jpg`` (+ ``view2_lateral.jpg``), read back by the very code that reads
-CheXpert (``datamodules.chexpert``), plus ``factors.npz``: every generative factor of every image, from which
+CheXpert (``datamodules.chexpert_format``), plus ``factors.npz``: every generative factor of every image, from which
 the TRUE counterfactual of any image can be re-rendered.
 
 Population (``PhantomPopulation``): patients with Sex, Age (~N(60, 17) years, 18-90) and body size; 1-6
@@ -57,7 +57,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datamodules.base import DatasetError
-from datamodules.chexpert import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, write_chexpert_csv
+from datamodules.chexpert_format import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, write_chexpert_csv
 from datamodules.synthetic.common import (
     check_probabilities,
     intervention_values,
