@@ -16,6 +16,10 @@ from datamodules.base import DatasetError
 
 Options = TypeVar("Options")
 
+#: std of the sum of two independent uniform bytes: the renderers' pixel noise is that sum, scaled to the
+#: wanted std (cheaper than Gaussian sampling, which would dominate the render time)
+TRIANGULAR_STD = float(np.sqrt((256**2 - 1) / 6))
+
 
 def check_probabilities(values: Mapping[str, float], what: str) -> None:
     """Raise a ``ValueError`` for the first of ``values`` outside [0, 1]."""

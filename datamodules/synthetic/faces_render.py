@@ -25,12 +25,12 @@ from typing import Any
 import cv2
 import numpy as np
 
+from datamodules.synthetic.common import TRIANGULAR_STD
 from datamodules.synthetic.faces_factors import factor_row
 
 _SS = 2  # supersampling factor of the drawing canvas
 _SHIFT = 4  # fractional bits of cv2's fixed-point coordinates
 _AA = cv2.LINE_AA
-_TRIANGULAR_STD = float(np.sqrt((256**2 - 1) / 6))  # std of the sum of two independent uniform bytes
 
 
 def _col(rgb: Any, scale: float = 1.0) -> tuple[float, float, float]:
@@ -272,7 +272,7 @@ def render_face(f: Mapping[str, Any], image_size: int, noise_std: float = 0.0) -
         rng = np.random.default_rng(int(f["noise_seed"]))
         u = np.frombuffer(rng.bytes(2 * size * size * 3), np.uint8).reshape(2, size, size, 3)
         noise = u[0].astype(np.float32) + u[1] - np.float32(255)
-        out += noise * np.float32(255 * noise_std / _TRIANGULAR_STD)
+        out += noise * np.float32(255 * noise_std / TRIANGULAR_STD)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
