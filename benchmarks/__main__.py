@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from configs.loader import compose, instantiate
-from datamodules.synthetic.faces import SyntheticFacesBuilder, render_faces, sample_factors
+from datamodules.synthetic.faces import SyntheticFacesBuilder
+from datamodules.synthetic.faces_factors import sample_factors
+from datamodules.synthetic.faces_render import render_faces
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 

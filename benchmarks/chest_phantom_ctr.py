@@ -34,13 +34,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from datamodules.chexpert import preprocess
-from datamodules.synthetic.chest_phantom import (
-    cardiothoracic_ratio,
-    decode_jpeg,
-    encode_jpeg,
-    render_frontal,
-    sample_phantom,
-)
+from datamodules.synthetic.chest_phantom import decode_jpeg, encode_jpeg
+from datamodules.synthetic.chest_phantom_factors import cardiothoracic_ratio, sample_phantom
+from datamodules.synthetic.chest_phantom_render import render_frontal
 
 
 def _otsu(values: np.ndarray) -> float:

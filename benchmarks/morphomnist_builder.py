@@ -31,7 +31,8 @@ from torch import nn
 
 from benchmarks.morphometrics_agreement import read_morpho_csv
 from datamodules.idx import read_idx
-from datamodules.morphometrics import SetIntensity, SetThickness, map_images, measure_batch
+from datamodules.morphometrics import map_images, measure_batch
+from datamodules.perturbations import SetIntensity, SetThickness
 from datamodules.synthetic.morphomnist import (
     MorphoMNISTBuilder,
     counterfactual_parents,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,9 @@ from tqdm.auto import tqdm
 
 AttributeKind = Literal["binary", "continuous", "categorical"]
 SPLIT_NAMES = ("train", "val", "test")
+#: how a file-backed DataModule splits its images, and when it keeps them decoded in memory
+SPLIT_MODES = ("official", "random")
+CACHE_MODES = ("auto", "always", "never")
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
@@ -185,6 +188,28 @@ def check_name(name: str, valid: Sequence[str], what: str) -> None:
         raise ValueError(f"unknown {what} {name!r}; did you mean {close[0]!r}? Valid names: {', '.join(valid)}")
 
 
+def check_choice(value: Any, choices: Sequence[Any], what: str) -> None:
+    """Raise a ``ValueError`` for an option ``value`` not among ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
+
+
+def distinct_names(attributes: Sequence[Any], check: Callable[[str], None]) -> list[str]:
+    """A DataModule's ``attributes`` as strings, each passed through ``check`` (which raises for an unknown
+    name), with duplicates refused: a parent listed twice would get two columns of one conditioning vector."""
+    names = [str(a) for a in attributes]
+    for name in names:
+        check(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"attributes contains duplicates: {names}")
+    return names
+
+
+def check_limit_per_split(limit_per_split: int | None) -> None:
+    if limit_per_split is not None and limit_per_split < 1:
+        raise ValueError(f"limit_per_split must be positive or None, got {limit_per_split}")
+
+
 def split_train_val(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into sorted (train, val) row arrays with ``n_val`` validation rows."""
     if not 0 <= n_val <= n:
@@ -277,6 +302,25 @@ class CounterfactualDataModule(pl.LightningDataModule):
         self.drop_last_train = bool(drop_last_train)
         self._datasets: dict[str, Dataset] = {}
         self._checking = False  # check_split: build a split without caching it
+        self._cached_bytes = 0  # of cache_decoded's budget, over all splits
+
+    def _set_split_and_cache(self, split: str, split_fractions: Sequence[float], cache: str, cache_max_bytes: int,
+                             limit_per_split: int | None) -> None:
+        """Check and keep the options of a DataModule that reads image files: the split mode (``official`` or
+        ``random``), the (train, val, test) fractions of a random split, the cache mode of ``cache_decoded``
+        with its byte budget, and ``limit_per_split``."""
+        check_choice(split, SPLIT_MODES, "split")
+        fractions = tuple(float(f) for f in split_fractions)
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test) summing "
+                             f"to 1, got {list(split_fractions)}")
+        check_choice(cache, CACHE_MODES, "cache")
+        check_limit_per_split(limit_per_split)
+        self.split = split
+        self.split_fractions = fractions
+        self.cache = cache
+        self.cache_max_bytes = int(cache_max_bytes)
+        self.limit_per_split = limit_per_split
 
     @property
     def attribute_names(self) -> list[str]:
@@ -348,7 +392,7 @@ class CounterfactualDataModule(pl.LightningDataModule):
         ``"always"``, or ``"auto"`` and the split fits in what is left of ``self.cache_max_bytes`` (a budget
         shared by all splits). Returns whether it cached."""
         nbytes = len(dataset) * int(np.prod(item_shape))
-        used = getattr(self, "_cached_bytes", 0)
+        used = self._cached_bytes
         if self._checking or not (self.cache == "always" or (self.cache == "auto" and used + nbytes <= self.cache_max_bytes)):
             return False
         cache = torch.empty((len(dataset), *item_shape), dtype=torch.uint8)

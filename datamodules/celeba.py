@@ -42,7 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from datamodules.base import Attribute, CounterfactualDataModule, DatasetError, check_name
+from datamodules.base import Attribute, CounterfactualDataModule, DatasetError, check_name, distinct_names
 from datamodules.celeba_format import (
     ATTR_FILE,
     CELEBA_ATTRIBUTES,
@@ -53,9 +53,6 @@ from datamodules.celeba_format import (
     read_attributes,
     read_partition,
 )
-
-_CACHE_MODES = ("auto", "always", "never")
-_SPLIT_MODES = ("official", "random")
 
 
 def preprocess(img: Image.Image, image_size: int, crop_size: int | None) -> np.ndarray:
@@ -187,40 +184,21 @@ class CelebADataModule(CounterfactualDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, drop_last_train)
         self.save_hyperparameters(ignore=["builder"])
-        names = [str(a) for a in attributes]
-        for name in names:
-            _check_attribute_name(name)
-        if len(set(names)) != len(names):
-            raise ValueError(f"attributes contains duplicates: {names}")
+        names = distinct_names(attributes, _check_attribute_name)
         if balance_attribute is not None:
             _check_attribute_name(balance_attribute)
-        if split not in _SPLIT_MODES:
-            raise ValueError(f"split must be one of {_SPLIT_MODES}, got {split!r}")
-        fractions = tuple(float(f) for f in split_fractions)
-        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split_fractions must be three non-negative numbers (train, val, test) summing "
-                             f"to 1, got {list(split_fractions)}")
-        if cache not in _CACHE_MODES:
-            raise ValueError(f"cache must be one of {_CACHE_MODES}, got {cache!r}")
+        self._set_split_and_cache(split, split_fractions, cache, cache_max_bytes, limit_per_split)
         if image_size < 1 or (crop_size is not None and crop_size < 1):
             raise ValueError(f"image_size and crop_size must be positive, got {image_size}, {crop_size}")
-        if limit_per_split is not None and limit_per_split < 1:
-            raise ValueError(f"limit_per_split must be positive or None, got {limit_per_split}")
 
         self.root = Path(root).expanduser()
         self._names = tuple(names)
         self.image_size = int(image_size)
         self.crop_size = None if crop_size is None else int(crop_size)
-        self.split = split
-        self.split_fractions = fractions
         self.balance_attribute = balance_attribute
-        self.cache = cache
-        self.cache_max_bytes = int(cache_max_bytes)
         self.builder = builder
-        self.limit_per_split = limit_per_split
 
         self._metadata: tuple[list[str], np.ndarray, list[str], dict[str, np.ndarray]] | None = None
-        self._cached_bytes = 0
         if builder is None:
             # Fail before any training starts: the runner builds the DataModule first.
             self.check_files()

@@ -39,6 +39,8 @@ from datamodules.base import (
     Attribute,
     CounterfactualDataModule,
     DatasetError,
+    check_choice,
+    check_limit_per_split,
     equal_width_bins,
     require_columns,
     require_same_length,
@@ -162,12 +164,10 @@ class MorphoMNISTDataModule(CounterfactualDataModule):
         if image_size != 32:
             raise ValueError(f"MorphoMNIST images are 28x28 digits padded to 32x32; image_size must be 32, "
                              f"got {image_size}")
-        if layout not in _LAYOUTS:
-            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        check_choice(layout, _LAYOUTS, "layout")
         if len(t10k_split) != 3 or min(t10k_split) < 0:
             raise ValueError(f"t10k_split must be three non-negative sizes (train, val, test), got {list(t10k_split)}")
-        if limit_per_split is not None and limit_per_split < 1:
-            raise ValueError(f"limit_per_split must be positive or None, got {limit_per_split}")
+        check_limit_per_split(limit_per_split)
         ranges = {"thickness": tuple(thickness_range), "intensity": tuple(intensity_range)}
         units = {"thickness": "px", "intensity": "grey level"}
         built = {

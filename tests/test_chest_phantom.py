@@ -13,30 +13,23 @@ from PIL import Image
 from benchmarks.chest_phantom_ctr import measure_ctr
 from configs.loader import _load_option, instantiate
 from datamodules.base import DatasetError
-from datamodules.chexpert import (
-    OBSERVATIONS,
-    RELEASE_DIR,
-    TRAIN_CSV,
-    VALID_CSV,
-    CheXpertDataModule,
-    preprocess,
-    read_chexpert_csv,
-)
+from datamodules.chexpert import CheXpertDataModule, preprocess
+from datamodules.chexpert_format import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, read_chexpert_csv
 from datamodules.synthetic.chest_phantom import (
-    CTR_ENLARGED,
-    CTR_NORMAL,
     FACTORS_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
-    MODELLED_FINDINGS,
     ChestPhantomBuilder,
-    cardiothoracic_ratio,
-    finding_box,
     load_factors,
-    render,
-    render_frontal,
+)
+from datamodules.synthetic.chest_phantom_factors import (
+    CTR_ENLARGED,
+    CTR_NORMAL,
+    MODELLED_FINDINGS,
+    cardiothoracic_ratio,
     sample_phantom,
 )
+from datamodules.synthetic.chest_phantom_render import finding_box, render, render_frontal
 
 SMALL = {"n_train_patients": 6, "n_valid_patients": 3, "image_size": 96, "seed": 0}
 

@@ -11,13 +11,13 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from datamodules.base import Attribute, DatasetError
-from datamodules.chexpert import (
+from datamodules.chexpert import CheXpertDataModule
+from datamodules.chexpert_format import (
     OBSERVATIONS,
     RELEASE_DIR,
     SPLITS,
     TRAIN_CSV,
     VALID_CSV,
-    CheXpertDataModule,
     read_chexpert_csv,
 )
 from tests.helpers.chexpert_layout import TRAIN_ROWS, VALID_ROWS, image_path, write_tiny_chexpert

@@ -8,6 +8,7 @@ from skimage.morphology import dilation, disk, erosion, medial_axis
 from skimage.transform import pyramid_expand, pyramid_reduce
 
 from datamodules import morphometrics as mm
+from datamodules import perturbations as mp
 from datamodules.idx import read_idx
 from datamodules.mnist_source import load_mnist
 from tests.helpers.shared_data import shared_path
@@ -61,8 +62,8 @@ class TestProtocol:
     def test_disk_morphology_is_scikit_images(self, digits):
         binary = mm.Morphology(digits[0]).binary
         for r in (1, 2, 4):
-            np.testing.assert_array_equal(mm.disk_dilate(binary, r), dilation(binary, disk(r)))
-            np.testing.assert_array_equal(mm.disk_erode(binary, r), erosion(binary, disk(r)))
+            np.testing.assert_array_equal(mp.disk_dilate(binary, r), dilation(binary, disk(r)))
+            np.testing.assert_array_equal(mp.disk_erode(binary, r), erosion(binary, disk(r)))
 
 
 class TestShapes:
@@ -96,12 +97,12 @@ class TestPerturbations:
     def test_thickening_thickens_and_thinning_thins(self, digits):
         for d in digits[:4]:
             before = mm.measure_thickness(d)
-            assert mm.measure_thickness(mm.Thickening()(d)) > before + 0.5
-            assert mm.measure_thickness(mm.Thinning()(d)) < before - 0.3
+            assert mm.measure_thickness(mp.Thickening()(d)) > before + 0.5
+            assert mm.measure_thickness(mp.Thinning()(d)) < before - 0.3
 
     def test_set_intensity_hits_the_target_within_one_level(self, digits):
         for d, target in zip(digits, (70.0, 107.7, 150.3, 199.9, 230.5, 254.2, 255.0, 66.6), strict=True):
-            out = mm.SetIntensity(target)(d)
+            out = mp.SetIntensity(target)(d)
             assert out.dtype == np.uint8
             assert abs(mm.intensity(out) - target) <= 1.0
 
@@ -109,23 +110,23 @@ class TestPerturbations:
         targets = (1.5, 2.2, 3.0, 3.7, 4.5, 5.5)
         ours, deepscm = [], []
         for d, target in zip(digits, targets, strict=False):
-            out, reported = mm.SetThickness(target).apply(d)
+            out, reported = mp.SetThickness(target).apply(d)
             measured = mm.measure_thickness(out)
             assert measured == pytest.approx(reported)
             ours.append(abs(measured - target))
-            deepscm.append(abs(mm.measure_thickness(mm.SetThickness(target, exact=False)(d)) - target))
+            deepscm.append(abs(mm.measure_thickness(mp.SetThickness(target, exact=False)(d)) - target))
         assert max(ours) < 0.1
         assert np.mean(ours) < 0.5 * np.mean(deepscm)
 
     def test_fracture_removes_ink(self, digits):
         for d in digits[:3]:
-            assert mm.measure(mm.Fracture()(d)).area < mm.measure(d).area - 1
+            assert mm.measure(mp.Fracture()(d)).area < mm.measure(d).area - 1
 
     def test_swelling_is_seeded(self, digits):
         d = digits[1]
-        a, b = mm.Swelling(seed=3)(d), mm.Swelling(seed=3)(d)
+        a, b = mp.Swelling(seed=3)(d), mp.Swelling(seed=3)(d)
         np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(mm.Swelling()(d, rng=5), mm.Swelling(seed=5)(d))
+        np.testing.assert_array_equal(mp.Swelling()(d, rng=5), mp.Swelling(seed=5)(d))
         assert not np.array_equal(a, mm.Morphology(d).downscale(mm.Morphology(d).binary))
         assert mm.measure(a).area > mm.measure(d).area
 

@@ -22,14 +22,12 @@ from datamodules.synthetic.faces import (
     FACTORS_FILE,
     FORMAT_VERSION,
     MANIFEST_FILE,
-    MODELLED_ATTRIBUTES,
     SyntheticFacesBuilder,
     load_factors,
-    mouth_box,
     preview_grid,
-    render_face,
-    sample_factors,
 )
+from datamodules.synthetic.faces_factors import MODELLED_ATTRIBUTES, sample_factors
+from datamodules.synthetic.faces_render import mouth_box, render_face
 
 SMALL = {"n_train": 30, "n_val": 10, "n_test": 10, "image_size": 64, "seed": 0}
 

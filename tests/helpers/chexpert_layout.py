@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from datamodules.chexpert import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, write_chexpert_csv
+from datamodules.chexpert_format import OBSERVATIONS, RELEASE_DIR, TRAIN_CSV, VALID_CSV, write_chexpert_csv
 
 _ = None  # a blank cell
 # (patient, study, view, Sex, Age, No Finding, Cardiomegaly, Consolidation, Atelectasis, Edema); global index =
