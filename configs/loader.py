@@ -394,8 +394,12 @@ def _parameters(fn: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
     except (TypeError, ValueError):
         return {}, {}
     init = fn.__init__ if isinstance(fn, type) else fn
+    # A class may list in its signature options its constructor takes as **kwargs (the fine-tuned HVAE, the
+    # image-file DataModules), with their types: those annotations count too.
+    listed = {name: p.annotation for name, p in params.items()
+              if p.annotation is not inspect.Parameter.empty and not isinstance(p.annotation, str)}
     try:
-        return params, typing.get_type_hints(init)
+        return params, {**listed, **typing.get_type_hints(init)}
     except Exception:
         # One unevaluable annotation (a name imported only for type checkers) must not hide the others.
         namespace = getattr(inspect.unwrap(init), "__globals__", {})
@@ -407,7 +411,7 @@ def _parameters(fn: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
                 except Exception:
                     continue
             hints[name] = ann
-        return params, hints
+        return params, {**listed, **hints}
 
 
 _SEQUENCES = (list, tuple, set, frozenset, abc.Sequence, abc.MutableSequence, abc.Iterable, abc.Collection,

@@ -21,8 +21,11 @@ their decoded images in an ``ArrayDataset``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
+import inspect
 import random
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +211,59 @@ def distinct_names(attributes: Sequence[Any], check: Callable[[str], None]) -> l
 def check_limit_per_split(limit_per_split: int | None) -> None:
     if limit_per_split is not None and limit_per_split < 1:
         raise ValueError(f"limit_per_split must be positive or None, got {limit_per_split}")
+
+
+@dataclass(frozen=True)
+class FileLoadingOptions:
+    """The options every DataModule that reads an image-file dataset (CelebA, CheXpert) takes besides its own,
+    with their defaults, declared once. Such a class takes them as ``**options``, completes them with
+    :func:`file_loading_options` and lists them in its signature with :func:`with_file_loading_options`, so the
+    config checks see one parameter list with these types and defaults.
+
+    :param num_workers, pin_memory: of the DataLoaders.
+    :param split_fractions: (train, val, test) fractions of a random split.
+    :param seed: seed of the random split only (the sampling order follows the global RNG).
+    :param balance_attribute: a binary attribute whose two classes the train loader draws equally often.
+    :param cache: ``"auto"`` (cache a split if it fits in ``cache_max_bytes``), ``"always"`` or ``"never"``.
+    :param builder: a synthetic builder (``build(root)``, ``true_counterfactual(root, indices, do)``); it writes
+        the files in ``prepare_data`` and provides ground-truth counterfactuals.
+    :param limit_per_split: keep only the first N rows (in file order) of each split.
+    :param drop_last_train: drop the last incomplete train batch, unless that would leave no batch at all.
+    """
+
+    num_workers: int = 0
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    balance_attribute: str | None = None
+    cache: str = "auto"
+    cache_max_bytes: int = 4 * 1024**3
+    builder: Any | None = None
+    limit_per_split: int | None = None
+    pin_memory: bool = False
+    drop_last_train: bool = True
+
+
+def file_loading_options(owner: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` completed with :class:`FileLoadingOptions`' defaults; a key that is none of them is named."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FileLoadingOptions)}
+    unknown = [k for k in options if k not in defaults]
+    if unknown:
+        raise TypeError(f"{owner} got unexpected keyword arguments {unknown}; its loading options are "
+                        f"{list(defaults)}")
+    return {**defaults, **options}
+
+
+def with_file_loading_options(cls: type) -> type:
+    """Class decorator: ``cls``'s signature is its constructor's own parameters, then :class:`FileLoadingOptions`
+    keyword-only with their types and defaults (the constructor takes them as ``**options``). Set on the class,
+    not on ``__init__``: Lightning's ``save_hyperparameters`` reads ``__init__``'s real parameters."""
+    own = inspect.signature(cls.__init__)
+    hints = typing.get_type_hints(FileLoadingOptions)
+    params = [p for name, p in own.parameters.items() if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+               for f in dataclasses.fields(FileLoadingOptions)]
+    cls.__signature__ = own.replace(parameters=params)
+    return cls
 
 
 def split_train_val(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from datamodules.base import Attribute, CounterfactualDataModule, DatasetError, check_name, distinct_names
+from datamodules.base import (
+    Attribute,
+    CounterfactualDataModule,
+    DatasetError,
+    check_name,
+    distinct_names,
+    file_loading_options,
+    with_file_loading_options,
+)
 from datamodules.celeba_format import (
     ATTR_FILE,
     CELEBA_ATTRIBUTES,
@@ -143,6 +151,7 @@ def _check_attribute_name(name: str) -> None:
     check_name(name, CELEBA_ATTRIBUTES, "CelebA attribute")
 
 
+@with_file_loading_options
 class CelebADataModule(CounterfactualDataModule):
     """CelebA's binary attributes as parents ``pa``; images in [0, 1] at ``image_size``.
 
@@ -170,24 +179,19 @@ class CelebADataModule(CounterfactualDataModule):
         image_size: int = 64,
         crop_size: int | None = 140,
         batch_size: int = 64,
-        num_workers: int = 0,
         split: str = "official",
-        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        balance_attribute: str | None = None,
-        cache: str = "auto",
-        cache_max_bytes: int = 4 * 1024**3,
-        builder: Any | None = None,
-        limit_per_split: int | None = None,
-        pin_memory: bool = False,
-        drop_last_train: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, pin_memory, drop_last_train)
+        options = file_loading_options(type(self).__name__, options)  # before save_hyperparameters: it saves them
+        super().__init__(batch_size, options["num_workers"], options["seed"], options["pin_memory"],
+                         options["drop_last_train"])
         self.save_hyperparameters(ignore=["builder"])
+        balance_attribute, builder = options["balance_attribute"], options["builder"]
         names = distinct_names(attributes, _check_attribute_name)
         if balance_attribute is not None:
             _check_attribute_name(balance_attribute)
-        self._set_split_and_cache(split, split_fractions, cache, cache_max_bytes, limit_per_split)
+        self._set_split_and_cache(split, options["split_fractions"], options["cache"], options["cache_max_bytes"],
+                                  options["limit_per_split"])
         if image_size < 1 or (crop_size is not None and crop_size < 1):
             raise ValueError(f"image_size and crop_size must be positive, got {image_size}, {crop_size}")
 

@@ -47,6 +47,8 @@ from datamodules.base import (
     check_name,
     distinct_names,
     equal_width_bins,
+    file_loading_options,
+    with_file_loading_options,
 )
 from datamodules.chexpert_format import (
     DEMOGRAPHICS,
@@ -140,6 +142,7 @@ class _Metadata:
     split: np.ndarray  # 0 train, 1 val, 2 test, per row
 
 
+@with_file_loading_options
 class CheXpertDataModule(CounterfactualDataModule):
     """CheXpert-v1.0-small (or a builder's phantom in its layout) as 1-channel images with chosen parents.
 
@@ -170,20 +173,14 @@ class CheXpertDataModule(CounterfactualDataModule):
         image_size: int = 128,
         center_crop: bool = True,
         batch_size: int = 32,
-        num_workers: int = 0,
         split: str = "random",
-        split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-        seed: int = 0,
-        balance_attribute: str | None = None,
-        cache: str = "auto",
-        cache_max_bytes: int = 4 * 1024**3,
-        builder: Any | None = None,
-        limit_per_split: int | None = None,
-        pin_memory: bool = False,
-        drop_last_train: bool = True,
+        **options: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, pin_memory, drop_last_train)
+        options = file_loading_options(type(self).__name__, options)  # before save_hyperparameters: it saves them
+        super().__init__(batch_size, options["num_workers"], options["seed"], options["pin_memory"],
+                         options["drop_last_train"])
         self.save_hyperparameters(ignore=["builder"])
+        balance_attribute, builder = options["balance_attribute"], options["builder"]
         names = distinct_names(attributes, _check_parent_name)
         if not names:
             raise ValueError("attributes must name at least one parent")
@@ -197,7 +194,8 @@ class CheXpertDataModule(CounterfactualDataModule):
                 raise ValueError("'No Finding' defines the negative class of task=pathology_vs_no_finding; it "
                                  "cannot also be a parent (use task=all)")
         check_choice(uncertainty, UNCERTAINTY_POLICIES, "uncertainty")
-        self._set_split_and_cache(split, split_fractions, cache, cache_max_bytes, limit_per_split)
+        self._set_split_and_cache(split, options["split_fractions"], options["cache"], options["cache_max_bytes"],
+                                  options["limit_per_split"])
         if split == "official" and self.split_fractions[0] + self.split_fractions[1] <= 0:
             raise ValueError("split=official cuts train.csv in the ratio of the first two split_fractions; "
                              "they cannot both be 0")

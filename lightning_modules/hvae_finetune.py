@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -349,7 +350,9 @@ def _full_signature() -> inspect.Signature:
     own = inspect.signature(CounterfactualFinetunedHVAE.__init__)
     hvae = inspect.signature(ConditionalHVAE.__init__).parameters
     params = [p for name, p in own.parameters.items() if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += [hvae[name].replace(kind=inspect.Parameter.KEYWORD_ONLY) for name in _TRAINING_OPTIONS]
+    hints = typing.get_type_hints(ConditionalHVAE.__init__)
+    params += [hvae[name].replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[name])
+               for name in _TRAINING_OPTIONS]
     return own.replace(parameters=params)
 
 

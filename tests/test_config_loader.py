@@ -201,3 +201,34 @@ def test_experiment_and_option_names_are_file_stems_only():
         compose("../configs/base")
     with pytest.raises(ConfigError, match=r"No '\.\./data/celeba' in config group 'model'"):
         compose("ifcvae_smiling_synth", ["model=../data/celeba"])
+
+
+@pytest.mark.parametrize("target, key, value, said", [
+    ("datamodules.celeba.CelebADataModule", "cache_max_bytes", "big", "declares 'cache_max_bytes' as int"),
+    ("datamodules.chexpert.CheXpertDataModule", "limit_per_split", "all", "declares 'limit_per_split' as int or null"),
+    ("lightning_modules.hvae_finetune.CounterfactualFinetunedHVAE", "grad_clip", "high",
+     "declares 'grad_clip' as float or null"),
+])
+def test_options_a_class_takes_as_kwargs_are_checked_by_their_listed_types(target, key, value, said):
+    """The image-file DataModules' loading options and the fine-tuned HVAE's training options are declared once
+    (``**options`` / ``**training``) and listed in the class's signature with their types: the config check
+    reads those types, and a misspelt option is named with its likely fix."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        check_config({"_target_": target, key: value}, "x")
+    with pytest.raises(ConfigError, match=rf"'x\.{key}s' is not a parameter of .*Did you mean '{key}'"):
+        check_config({"_target_": target, f"{key}s": 1}, "x")
+
+
+def test_the_image_file_datamodules_save_their_loading_options_with_the_defaults(tmp_path):
+    from datamodules.chexpert import CheXpertDataModule
+
+    class Builder:
+        def build(self, root):  # never called: the DataModule only keeps it
+            raise AssertionError
+
+    dm = CheXpertDataModule(str(tmp_path), builder=Builder(), limit_per_split=3)
+    assert dm.hparams.limit_per_split == 3 and dm.limit_per_split == 3
+    assert dm.hparams.cache == "auto" and dm.hparams.num_workers == 0  # defaults, written once, saved too
+    assert "builder" not in dm.hparams
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['cach'\]"):
+        CheXpertDataModule(str(tmp_path), builder=Builder(), cach="never")
