@@ -82,7 +82,13 @@ from callbacks.metrics.effectiveness import Effectiveness, MorphometricEffective
 from callbacks.metrics.minimality import CounterfactualLatentDivergence
 from callbacks.metrics.realism import FID, KID, InceptionFeatures
 from callbacks.references import references_of
-from datamodules.interventions import Intervention, multi_parent, per_sample_uniforms, random_parents, single_parent
+from datamodules.interventions import (
+    Intervention,
+    multi_parent,
+    per_sample_uniforms,
+    random_parents,
+    single_parent,
+)
 
 __all__ = ["CounterfactualMetrics"]
 

@@ -103,26 +103,27 @@ def _layers(net: nn.Module) -> list[tuple]:
     return out
 
 
+def _of(layers: list[tuple], kind: str, field: int = 1) -> list:
+    """One field (filters, kernel or stride; slope; p) of the layers of one kind, in order."""
+    return [entry[field] for entry in layers if entry[0] == kind]
+
+
 def test_published_morphomnist_networks_follow_tables_11_to_13():
     model = instantiate(compose("bigan_morphomnist", ["model.scm_checkpoint=null"]).model, "model")
-    conv = [l for l in _layers(model.encoder) if l[0] == "Conv2d"]
+    encoder, generator = _layers(model.encoder), _layers(model.generator)
     # Table 11: 64, 128, 256 (4x4, stride 2), 512, then the 512-d code without activation
-    assert [l[1] for l in conv] == [64, 128, 256, 512, 512] and [l[2] for l in conv[:3]] == [4, 4, 4]
-    assert [l[1] for l in _layers(model.encoder) if l[0] == "LReLU"] == [0.2] * 4
-    generator = _layers(model.generator)
+    assert _of(encoder, "Conv2d") == [64, 128, 256, 512, 512] and _of(encoder, "Conv2d", 2)[:3] == [4, 4, 4]
+    assert _of(encoder, "LReLU") == [0.2] * 4
     # Table 12's depth and LReLU(0.2), the encoder's widths mirrored (configs/model/bigan.yaml says why)
-    assert [l[1] for l in generator if l[0] == "ConvTranspose2d"] == [512, 256, 128, 64]
-    assert [l[1] for l in generator if l[0] == "Conv2d"] == [1]
-    assert [l[1] for l in generator if l[0] == "LReLU"] == [0.2] * 4
+    assert _of(generator, "ConvTranspose2d") == [512, 256, 128, 64] and _of(generator, "Conv2d") == [1]
+    assert _of(generator, "LReLU") == [0.2] * 4
     d = {part: _layers(getattr(model.discriminator, part)) for part in ("dx", "dz", "dxz")}
     # Table 13: D_x 32, 64, 128, 256, 512; D_z 512, 512; D_xz 1024, 1024, 1; LReLU(0.1); its dropouts
-    assert [l[1] for l in d["dx"] if l[0] == "Conv2d"] == [32, 64, 128, 256, 512]
-    assert [l[1] for l in d["dz"] if l[0] == "Conv2d"] == [512, 512]
-    assert [l[1] for l in d["dxz"] if l[0] == "Conv2d"] == [1024, 1024, 1]
-    assert {l[1] for part in d.values() for l in part if l[0] == "LReLU"} == {0.1}
-    assert [l[1] for l in d["dx"] if l[0] == "D"] == [0.2, 0.2, 0.5, 0.5, 0.5]
-    assert [l[1] for l in d["dz"] if l[0] == "D"] == [0.2, 0.5]
-    assert [l[1] for l in d["dxz"] if l[0] == "D"] == [0.2, 0.2, 0.2]
+    assert _of(d["dx"], "Conv2d") == [32, 64, 128, 256, 512]
+    assert _of(d["dz"], "Conv2d") == [512, 512] and _of(d["dxz"], "Conv2d") == [1024, 1024, 1]
+    assert {slope for part in d.values() for slope in _of(part, "LReLU")} == {0.1}
+    assert _of(d["dx"], "D") == [0.2, 0.2, 0.5, 0.5, 0.5]
+    assert _of(d["dz"], "D") == [0.2, 0.5] and _of(d["dxz"], "D") == [0.2, 0.2, 0.2]
 
 
 def test_parent_conditioning_reaches_every_network():

@@ -12,9 +12,9 @@ import torch
 
 from configs.loader import compose, instantiate
 from lightning_modules.cvae import ConditionalVAE, CVAENoise, negative_elbo
-from lightning_modules.optim import linear_warmup
 from lightning_modules.likelihoods import discretized_gaussian_nll, to_signed, to_unit
 from lightning_modules.networks.conditional_vae import ConditionalDecoder, ConditionalEncoder
+from lightning_modules.optim import linear_warmup
 
 PARENTS = {"t": {"kind": "continuous"}, "d": {"kind": "categorical", "num_classes": 3}}  # width 1 + 3
 ENC = {"_target_": "lightning_modules.networks.conditional_vae.ConditionalEncoder", "image_size": 8,

@@ -36,7 +36,7 @@ from tests.test_callbacks import (
     TinyEditingData,
     _Split,
 )
-from tests.test_counterfactual_metrics import N, LazyModel, PixelParentsData, ReadingPredictors, WritingModel
+from tests.test_counterfactual_metrics import LazyModel, N, PixelParentsData, ReadingPredictors, WritingModel
 from tests.test_ddp_metrics import ShiftingModel, _StridedPixelParentsData
 
 N_TEST = 13
