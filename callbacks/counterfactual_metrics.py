@@ -398,11 +398,12 @@ class CounterfactualMetrics(StagedEvaluation):
 
     @staticmethod
     def _realism_update(m: nn.ModuleDict, images: Tensor, real: bool) -> None:
-        """FID's (and KID's) set: the features are extracted once for both (they share the network)."""
+        """FID's (and KID's) set: the features are extracted once for both (they share the network), and each
+        metric is updated through torchmetrics' ``update`` (which counts updates and clears its cached value)."""
         features = m["fid"].features(images)
-        m["fid"].update_features(features, real)
+        m["fid"].update(None, real, features=features)
         if "kid" in m:
-            m["kid"].update_features(features, real)
+            m["kid"].update(None, real, features=features)
 
     def _draw(self, spec: tuple[str, str, tuple[str, ...]], position: int, pa: Mapping[str, Tensor],
               generator: torch.Generator, index: Tensor | None) -> Intervention:

@@ -279,8 +279,9 @@ class _FeatureMetric(Metric):
     def features(self, images: Tensor) -> Tensor:
         return frozen_forward(self.feature_net, images).to(torch.float64)
 
-    def update(self, images: Tensor, real: bool) -> None:
-        self.update_features(self.features(images), real)
+    def update(self, images: Tensor | None, real: bool, features: Tensor | None = None) -> None:
+        """Add ``images`` (or their already extracted ``features``, e.g. shared by FID and KID) to one set."""
+        self.update_features(self.features(images) if features is None else features, real)
 
     def update_features(self, features: Tensor, real: bool) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
